@@ -1,0 +1,625 @@
+"""The engine: runs a plan's stages over the hosts' slots, journals everything, and resumes after any crash.
+
+Shape of a run:
+  open transports -> discover slots -> plan -> journal the tasks -> reconcile attempts left by a previous engine
+  -> for each stage: one worker per slot pulls tasks from the scheduler, launches them detached, waits while one
+     monitor per host polls its running attempts and copies their output into logs/ -> results -> done.
+
+Crash safety comes from ordering: an attempt is journalled before it is launched (so a crash mid-launch is found, not
+repeated); output bytes are appended to logs/ before their offset is committed (so a resumed tail truncates the
+copy back to the committed offset and continues: no line lost, none repeated); a task is marked done only after its
+rc file was read. A resumed engine adopts attempts that are still running or finished while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from remote.events import (
+    EngineNote,
+    Event,
+    LinesReceived,
+    ResultsWritten,
+    RunFinished,
+    RunStarted,
+    StageFinished,
+    StageStarted,
+    TaskExited,
+    TaskProgressed,
+    TaskStarted,
+)
+from remote.extract import LineSplitter, MetricSet, TaskExtractor
+from remote.journal import AttemptRow, Journal
+from remote.plan import Plan, StagePlan, TaskPlan, build_plan, effective_hosts, runtime_values
+from remote.recipe import HostSpec, QueueStage, RunStage, halt_threshold, parse_duration
+from remote.recipe_loader import LoadedRecipe
+from remote.results import select_columns, write_results
+from remote.rundir import EngineLock, RunDir, write_private
+from remote.scheduler import SlotQueues
+from remote.slots import NVIDIA_SMI_QUERY, Slot, SlotError, declared_slots, parse_nvidia_smi
+from remote.template import render
+from remote.transport.base import Handle, HostError, LaunchSpec, ProcState, Transport
+from remote.transport.local import LocalTransport, engine_python
+
+READ_CHUNK = 1 << 20
+"""Bytes read from a task's output per call; large enough that a fast printer never falls behind."""
+
+RESULT_FILE_LIMIT = 64 << 20
+
+
+class EngineError(Exception):
+    """The run cannot start or go on (a host is unreachable, a GPU query failed); one line saying what to do."""
+
+
+@dataclass
+class EngineOptions:
+    """How the engine behaves; the defaults suit both the local host and SSH hosts."""
+
+    poll_interval: float = 0.2
+    """Seconds between polls of a host's running attempts."""
+    kill_grace: float = 5.0
+    """Seconds between TERM and KILL when stopping a task's process group."""
+    results_interval: float = 2.0
+    """Minimum seconds between rewrites of results.csv/json while tasks finish."""
+    retry_failed: bool = False
+    """On resume, run tasks that failed in the earlier run again (default: keep their failure)."""
+
+
+@dataclass
+class _Attempt:
+    """A launched (or adopted) attempt being watched."""
+
+    task: TaskPlan
+    stage: StagePlan
+    slot: Slot
+    number: int
+    handle: Handle
+    transport: Transport
+    log: BinaryIO
+    extractor: TaskExtractor
+    offset: int = 0
+    splitter: LineSplitter = field(default_factory=LineSplitter)
+    started: float = field(default_factory=time.time)
+    timed_out: bool = False
+    interrupted: bool = False
+    progress: tuple[int, int] | None = None
+    finished: asyncio.Future[ProcState] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def make_transport(host: str, spec: HostSpec, rd: RunDir, recipe_dir: Path) -> Transport:
+    """The transport for one host entry."""
+    if spec.ssh is None:
+        workdir = spec.workdir or str(recipe_dir)
+        return LocalTransport(host, rd.state_root(host), workdir, dict(spec.env))
+    raise EngineError(f"host {host}: ssh hosts need the SSH transport, which this version does not have yet; "
+                      "remove `ssh` to run on this machine")
+
+
+async def discover_slots(host: str, spec: HostSpec, transport: Transport) -> list[Slot]:
+    """The host's slots: declared, or from nvidia-smi for gpus = "auto"."""
+    if spec.gpus != "auto":
+        return declared_slots(host, spec.gpus)
+    result = await transport.run(NVIDIA_SMI_QUERY, timeout=30.0)
+    if result.rc == 127:
+        raise SlotError(f'host {host}: gpus = "auto" but nvidia-smi is not on PATH; install the NVIDIA driver '
+                        "there, or declare gpus = N in the recipe")
+    if result.rc != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise SlotError(f"host {host}: nvidia-smi failed (exit {result.rc}: {detail[-1] if detail else 'no output'}); "
+                        "fix the driver or declare gpus = N")
+    return parse_nvidia_smi(host, result.stdout)
+
+
+class Engine:
+    """Runs one recipe in one run directory. Single-threaded asyncio; the journal is only touched from here."""
+
+    def __init__(self, loaded: LoadedRecipe, rd: RunDir, *, resume: bool,
+                 options: EngineOptions | None = None) -> None:
+        self.loaded = loaded
+        self.rd = rd
+        self.resume = resume
+        self.options = options or EngineOptions()
+        self.plan: Plan | None = None
+        self.journal: Journal | None = None
+        self._listeners: list[Callable[[Event], None]] = []
+        self._transports: dict[str, Transport] = {}
+        self._running: dict[str, _Attempt] = {}
+        self._adopted: dict[str, _Attempt] = {}
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._halted = False
+        self._metrics = MetricSet.from_recipe(loaded.recipe)
+        self._last_results = 0.0
+        self._queues: SlotQueues | None = None
+        self._lock = EngineLock(rd)
+        self._monitors: list[asyncio.Task[None]] = []
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        """Call `listener` with every event (from the engine's loop; it must not block)."""
+        self._listeners.append(listener)
+
+    def request_stop(self) -> None:
+        """Stop cleanly: no new dispatch, running process groups killed, journal left resumable."""
+        self._stopping = True
+        self._stop.set()
+
+    async def run(self) -> RunFinished:
+        """Run every stage; returns the final counts. Raises EngineError for problems a person must fix."""
+        self._lock.acquire()
+        try:
+            return await self._run()
+        finally:
+            for m in self._monitors:
+                m.cancel()
+            for m in self._monitors:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await m
+            for t in self._transports.values():
+                await t.close()
+            for a in [*self._running.values(), *self._adopted.values()]:
+                a.log.close()
+            if self.journal is not None:
+                self.journal.close()
+            self._lock.release()
+
+    # -- setup --------------------------------------------------------------------------------------------------
+
+    async def _run(self) -> RunFinished:
+        journal = self.journal = Journal(self.rd.journal)
+        if not self.resume:
+            write_private(self.rd.recipe_copy, self.loaded.text)
+            journal.set_meta("run_id", f"{self.rd.path.name}-{uuid.uuid4().hex[:8]}")
+            journal.set_meta("recipe", self.loaded.recipe.name)
+            journal.set_meta("recipe_path", str(self.loaded.path.resolve()))
+            journal.set_meta("created", str(time.time()))
+        elif self.loaded.text != self.rd.recipe_copy.read_text():
+            # Keep the recipe of every run that touched this directory: results must stay explainable.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            write_private(self.rd.path / f"recipe.{stamp}.toml", self.rd.recipe_copy.read_text())
+            write_private(self.rd.recipe_copy, self.loaded.text)
+            self._note("info", "the recipe changed since the last run; finished cells are kept, new ones will run")
+        run_id = journal.meta("run_id") or self.rd.path.name
+        journal.set_meta("state", "running")
+        journal.event("engine-started", resumed=self.resume)
+
+        hosts = effective_hosts(self.loaded)
+        recipe_dir = self.loaded.path.resolve().parent
+        slots_by_host: dict[str, list[Slot]] = {}
+        for host, spec in hosts.items():
+            transport = make_transport(host, spec, self.rd, recipe_dir)
+            try:
+                await transport.open(run_id)
+                slots_by_host[host] = await discover_slots(host, spec, transport)
+            except (HostError, SlotError) as exc:
+                raise EngineError(str(exc)) from None
+            self._transports[host] = transport
+        plan = self.plan = build_plan(self.loaded, slots_by_host)
+        with journal.transaction():
+            for task in plan.all_tasks():
+                journal.upsert_task(task_id=task.id, stage=task.stage, idx=task.index, label=task.label,
+                                    log_name=task.log_name, values=task.values, argv=task.argv, env=task.env)
+            journal.mark_plan([t.id for t in plan.all_tasks()])
+            journal.set_meta("slots", json.dumps([s.key for s in plan.slots]))
+            journal.set_meta("slot_names", json.dumps({s.key: s.name for s in plan.slots}))
+        self._emit(RunStarted(run_dir=self.rd.path, recipe=self.loaded.recipe.name, resumed=self.resume,
+                              slots=tuple(s.key for s in plan.slots)))
+        for host in hosts:
+            self._monitors.append(asyncio.create_task(self._monitor(host), name=f"monitor-{host}"))
+        if self.resume:
+            await self._reconcile()
+
+        for stage in plan.stages:
+            if self._stopping or self._halted:
+                break
+            failed = await self._run_stage(stage)
+            if failed and isinstance(stage.spec, RunStage):
+                self._note("error", f"stage {stage.name} failed; later stages were not started")
+                self._halted = True
+        self._write_results(force=True)
+        counts = journal.counts()
+        interrupted = self._stopping
+        journal.set_meta("state", "interrupted" if interrupted else ("halted" if self._halted else "finished"))
+        journal.event("engine-stopped", interrupted=interrupted, halted=self._halted, counts=counts)
+        finished = RunFinished(counts=counts, interrupted=interrupted, halted=self._halted,
+                               results_csv=self.rd.results_csv if self.rd.results_csv.exists() else None)
+        self._emit(finished)
+        return finished
+
+    # -- reconcile ----------------------------------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Find attempts a previous engine left: adopt the running ones, collect the finished ones."""
+        assert self.journal is not None and self.plan is not None
+        tasks = {t.id: t for t in self.plan.all_tasks()}
+        stages = {s.name: s for s in self.plan.stages}
+        slots = {s.key: s for s in self.plan.slots}
+        for row in self.journal.open_attempts():
+            task = tasks.get(row.task_id)
+            transport = self._transports.get(row.host)
+            if task is None or transport is None:
+                self.journal.end_attempt(row.task_id, row.attempt, "orphaned", None,
+                                         "its task or host is no longer in the recipe")
+                continue
+            handle = await self._find_handle(row, transport)
+            if handle is None:
+                # Journalled but never started: safe to launch again later.
+                self.journal.end_attempt(row.task_id, row.attempt, "never-started", None,
+                                         "the engine stopped before the process started")
+                self.journal.set_task_state(task.id, "queued", attempts=row.attempt - 1)
+                continue
+            slot = slots.get(f"{row.host}:{row.gpu}", Slot(host=row.host, gpu=row.gpu))
+            attempt = self._open_attempt(task, stages[task.stage], slot, row.attempt, handle, transport,
+                                         resume_offset=row.out_offset)
+            self._adopted[task.id] = attempt
+            self.journal.event("task-adopted", task.id, attempt=row.attempt, slot=slot.key)
+            self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
+                                   attempt=row.attempt, adopted=True))
+        # Tasks marked running without an open attempt (a crash between two writes) go back to the queue.
+        for row2 in self.journal.tasks():
+            if row2.state == "running" and row2.id not in self._adopted:
+                self.journal.set_task_state(row2.id, "queued")
+
+    async def _find_handle(self, row: AttemptRow, transport: Transport) -> Handle | None:
+        if row.state == "running" and row.pid is not None and row.task_dir is not None:
+            return Handle(task_dir=row.task_dir, pid=row.pid, pid_start=row.pid_start or 0)
+        handle = await transport.find(row.name)
+        if handle is None:
+            # The wrapper may be between exec and writing its pid file: look once more after a moment.
+            await asyncio.sleep(1.0)
+            handle = await transport.find(row.name)
+        if handle is not None and self.journal is not None:
+            self.journal.attempt_launched(row.task_id, row.attempt, handle.task_dir, handle.pid, handle.pid_start)
+        return handle
+
+    # -- stages -------------------------------------------------------------------------------------------------
+
+    async def _run_stage(self, stage: StagePlan) -> bool:
+        """Run one stage to completion; True when some task failed."""
+        assert self.journal is not None
+        rows = {r.id: r for r in self.journal.tasks(stage.name)}
+        adopted = {tid: a for tid, a in self._adopted.items() if a.stage.name == stage.name}
+        pending: list[TaskPlan] = []
+        done_before = 0
+        for task in stage.tasks:
+            row = rows.get(task.id)
+            if task.id in adopted:
+                continue
+            if row is not None and row.state == "done":
+                done_before += 1
+                continue
+            if row is not None and row.state == "failed" and not self.options.retry_failed:
+                continue
+            pending.append(task)
+        spec = stage.spec
+        retries = spec.retries
+        halt_after = halt_threshold(spec.halt) if isinstance(spec, QueueStage) else 1
+        queues = self._queues = SlotQueues([s.key for s in stage.slots], pending, retries=retries,
+                                           halt_after=halt_after)
+        for task in pending:
+            row = rows.get(task.id)
+            if row is not None:
+                queues.set_attempts(task.id, self._counted_attempts(task.id))
+                if row.state == "failed":
+                    self.journal.set_task_state(task.id, "queued")
+        for tid in adopted:
+            queues.set_attempts(tid, self._counted_attempts(tid))
+        self.journal.event("stage-started", stage=stage.name, pending=len(pending), adopted=len(adopted))
+        self._emit(StageStarted(stage=stage.name, kind=stage.kind, total=len(stage.tasks), already_done=done_before))
+        if not stage.slots:
+            raise EngineError(f"stage {stage.name}: no GPU slots on its hosts; declare gpus = N on them")
+        workers = [asyncio.create_task(self._slot_worker(stage, slot, queues), name=f"slot-{slot.key}")
+                   for slot in stage.slots]
+        # Adopted attempts whose slot is not in this stage (the inventory changed) are still seen through.
+        orphans = [asyncio.create_task(self._finish_adopted(a, queues)) for a in adopted.values()
+                   if a.slot.key not in {s.key for s in stage.slots}]
+        await asyncio.gather(*workers, *orphans)
+        halted = queues.halted
+        if halted:
+            self._halted = True
+            left = queues.drain()
+            if left:
+                rule = spec.halt if isinstance(spec, QueueStage) else "first-failure"
+                self._note("warning", f"stage {stage.name}: halted by its halt rule ({rule}); "
+                                      f"{len(left)} task(s) were not started")
+        counts = self.journal.counts(stage.name)
+        self.journal.event("stage-finished", stage=stage.name, counts=counts, halted=halted)
+        self._emit(StageFinished(stage=stage.name, counts=counts, halted=halted))
+        self._write_results(force=True)
+        return counts.get("failed", 0) > 0
+
+    def _counted_attempts(self, task_id: str) -> int:
+        """Attempts that count against `retries`: interrupted ones (Ctrl-C, engine stop) do not."""
+        assert self.journal is not None
+        return sum(1 for a in self.journal.attempts(task_id) if a.state in ("done", "failed", "lost", "timeout"))
+
+    async def _slot_worker(self, stage: StagePlan, slot: Slot, queues: SlotQueues) -> None:
+        """One slot's FIFO: run its tasks one at a time; a failure never stops the queue."""
+        adopted = [a for a in self._adopted.values() if a.stage.name == stage.name and a.slot.key == slot.key]
+        for attempt in adopted:
+            await self._finish_adopted(attempt, queues)
+        while not self._stopping:
+            task = queues.next_for(slot.key)
+            if task is None:
+                return
+            queues.started(task)
+            assert self.journal is not None
+            number = self.journal.next_attempt(task.id)
+            try:
+                attempt = await self._launch(stage, task, slot, number)
+            except HostError as exc:
+                self._note("error", str(exc))
+                assert self.journal is not None
+                self.journal.end_attempt(task.id, number, "failed", None, str(exc))
+                outcome = queues.finished(task, ok=False)
+                self.journal.set_task_state(task.id, outcome.state, reason=str(exc), ended=time.time())
+                self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
+                                      attempt=number, rc=None, state=outcome.state, reason=str(exc), duration=0.0))
+                continue
+            await self._await_attempt(attempt, queues)
+
+    async def _finish_adopted(self, attempt: _Attempt, queues: SlotQueues) -> None:
+        self._running[attempt.task.id] = attempt
+        self._adopted.pop(attempt.task.id, None)
+        await self._await_attempt(attempt, queues)
+
+    # -- one attempt --------------------------------------------------------------------------------------------
+
+    async def _launch(self, stage: StagePlan, task: TaskPlan, slot: Slot, number: int) -> _Attempt:
+        assert self.journal is not None and self.plan is not None
+        transport = self._transports[slot.host]
+        host_spec = self.plan.hosts[slot.host]
+        values = {**runtime_values(slot, attempt=number, task_id=task.id, run_dir=self.rd.path.resolve(),
+                                   python=engine_python() if host_spec.ssh is None else "python3"),
+                  **self._captures()}
+        argv = [render(a, values) for a in task.argv]
+        env = {k: render(v, values) for k, v in task.env.items()}
+        isolate = stage.spec.isolate_gpu if isinstance(stage.spec, QueueStage) else False
+        if isolate:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        env.update({"BENCHFLEET_TASK_ID": task.id, "BENCHFLEET_ATTEMPT": str(number), "BENCHFLEET_SLOT": slot.key})
+        workdir = render(task.workdir, values) if task.workdir else (host_spec.workdir or transport.default_workdir())
+        name = f"{task.id}.{number}"
+        self.journal.begin_attempt(task_id=task.id, attempt=number, host=slot.host, gpu=slot.gpu, name=name)
+        handle = await transport.launch(LaunchSpec(name=name, argv=argv, env=env, workdir=workdir))
+        self.journal.attempt_launched(task.id, number, handle.task_dir, handle.pid, handle.pid_start)
+        self.journal.event("task-started", task.id, attempt=number, slot=slot.key, argv=argv)
+        attempt = self._open_attempt(task, stage, slot, number, handle, transport, resume_offset=None)
+        self._running[task.id] = attempt
+        self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key, attempt=number))
+        return attempt
+
+    def _open_attempt(self, task: TaskPlan, stage: StagePlan, slot: Slot, number: int, handle: Handle,
+                      transport: Transport, *, resume_offset: int | None) -> _Attempt:
+        """Set up the local log copy and the extractor; on reattach, rebuild both from the committed offset."""
+        spec = stage.spec
+        extractor = TaskExtractor(self._metrics, stage.name, done=spec.done,
+                                  progress=spec.progress if isinstance(spec, QueueStage) else None)
+        path = self.rd.log_path(task.log_name)
+        if resume_offset is None:
+            if path.exists():
+                # An earlier attempt's log stays beside the new one.
+                prev = self.rd.log_path(f"{task.log_name}.attempt{number - 1}")
+                path.replace(prev)
+            log = open(path, "ab")  # noqa: SIM115 (closed when the attempt ends)
+            path.chmod(0o600)
+            attempt = _Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle,
+                               transport=transport, log=log, extractor=extractor)
+            return attempt
+        # Reattach: the copy may hold bytes past the committed offset (crash between write and commit): cut them.
+        with open(path, "ab") as f:
+            size = f.tell()
+            if size > resume_offset:
+                f.truncate(resume_offset)
+        offset = min(size, resume_offset)
+        log = open(path, "ab")  # noqa: SIM115
+        attempt = _Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle, transport=transport,
+                           log=log, extractor=extractor, offset=offset)
+        with open(path, "rb") as f:
+            attempt.extractor.feed_lines(attempt.splitter.feed(f.read(offset)))
+        return attempt
+
+    async def _await_attempt(self, attempt: _Attempt, queues: SlotQueues) -> None:
+        spec = attempt.stage.spec
+        timeout = parse_duration(spec.timeout) if spec.timeout is not None else None
+        remaining = None if timeout is None else max(0.0, timeout - (time.time() - attempt.started))
+        stop_wait: asyncio.Future[object] = asyncio.ensure_future(self._stop.wait())
+        finished: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(attempt.finished))
+        try:
+            await asyncio.wait({finished, stop_wait}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            finished.cancel()
+        if not attempt.finished.done():
+            if self._stopping:
+                attempt.interrupted = True
+            else:
+                attempt.timed_out = True
+                self._note("warning", f"{attempt.task.label or attempt.task.stage}: timed out after "
+                                      f"{timeout:.0f}s on {attempt.slot.key}; killing its process group")
+            await attempt.transport.kill(attempt.handle, self.options.kill_grace if not self._stopping else 2.0)
+        state = await attempt.finished
+        await self._finalize(attempt, state, queues)
+
+    async def _finalize(self, attempt: _Attempt, proc: ProcState, queues: SlotQueues) -> None:
+        assert self.journal is not None
+        task = attempt.task
+        spec = attempt.stage.spec
+        lines = attempt.splitter.flush()
+        if lines:
+            self._take_lines(attempt, lines)
+        attempt.log.close()
+        self._running.pop(task.id, None)
+        ex = attempt.extractor
+        for path_template, _what in ex.file_metrics():
+            values = {**runtime_values(attempt.slot, attempt=attempt.number, task_id=task.id,
+                                       run_dir=self.rd.path.resolve(), python="python3"),
+                      **self.loaded.recipe.variables, **task.values}
+            path = render(path_template, values)
+            data = await attempt.transport.read_file(path, attempt.transport.default_workdir(), RESULT_FILE_LIMIT)
+            if data is not None:
+                ex.feed_file(path_template, data)
+        duration = time.time() - attempt.started
+        rc = proc.rc
+        if attempt.interrupted:
+            self.journal.end_attempt(task.id, attempt.number, "interrupted", rc, "stopped by the user")
+            self.journal.set_task_state(task.id, "queued", rc=None, reason="interrupted", ended=time.time())
+            self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=attempt.slot.key,
+                                  attempt=attempt.number, rc=rc, state="queued", reason="interrupted",
+                                  duration=duration))
+            return
+        if attempt.timed_out:
+            limit = parse_duration(spec.timeout) if spec.timeout is not None else duration
+            ok, reason, attempt_state = False, f"timed out after {limit:.0f}s", "timeout"
+        elif proc.status == "lost":
+            ok, reason, attempt_state = False, "the process vanished without an exit code (host rebooted?)", "lost"
+        elif rc != 0:
+            ok, reason, attempt_state = False, _exit_reason(rc), "failed"
+        elif spec.done is not None and not ex.done_seen:
+            ok, reason, attempt_state = False, f"exit 0 but no line matched done = {spec.done!r}", "failed"
+        else:
+            ok, reason, attempt_state = True, "exit 0", "done"
+        outcome = queues.finished(task, ok)
+        metrics: dict[str, object] = dict(ex.values)
+        with self.journal.transaction():
+            self.journal.end_attempt(task.id, attempt.number, attempt_state, rc, reason)
+            self.journal.set_metrics(task.id, metrics)
+            self.journal.set_task_state(task.id, outcome.state, rc=rc, reason=reason, ended=time.time(),
+                                        last_line=ex.last_line)
+            self.journal.event("task-exited", task.id, attempt=attempt.number, rc=rc, state=outcome.state,
+                               reason=reason)
+        self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=attempt.slot.key,
+                              attempt=attempt.number, rc=rc, state=outcome.state, reason=reason, duration=duration,
+                              metrics=metrics))
+        if outcome.state == "queued":
+            self._note("info", f"{task.label or task.stage}: {reason}; retrying "
+                               f"({queues.attempts(task.id)}/{spec.retries + 1} attempts used)")
+        if outcome.halted_now:
+            rule = spec.halt if isinstance(spec, QueueStage) else "first-failure"
+            self._note("error", f"stage {task.stage}: halt rule {rule!r} reached "
+                                "after this failure; no new tasks will start")
+        self._write_results(force=False)
+
+    # -- monitoring ---------------------------------------------------------------------------------------------
+
+    async def _monitor(self, host: str) -> None:
+        """Poll the host's running attempts, copy their output, and resolve the ones that ended."""
+        transport = self._transports[host]
+        while True:
+            watched = [a for a in (*self._running.values(), *self._adopted.values())
+                       if a.slot.host == host and not a.finished.done()]
+            if watched:
+                try:
+                    states = await transport.poll([a.handle for a in watched])
+                except HostError as exc:
+                    self._note("warning", f"{exc}; retrying")
+                    await asyncio.sleep(self.options.poll_interval * 5)
+                    continue
+                for attempt, state in zip(watched, states, strict=True):
+                    if state.out_size > attempt.offset:
+                        await self._pump(attempt, state.out_size)
+                    if state.status != "running":
+                        attempt.finished.set_result(state)
+            await asyncio.sleep(self.options.poll_interval)
+
+    async def _pump(self, attempt: _Attempt, size: int) -> None:
+        """Copy new output into logs/, commit the offset, and feed the lines to the extractor and listeners."""
+        assert self.journal is not None
+        while attempt.offset < size:
+            data = await attempt.transport.read_output(attempt.handle, attempt.offset, READ_CHUNK)
+            if not data:
+                break
+            attempt.log.write(data)
+            attempt.log.flush()
+            attempt.offset += len(data)
+            self.journal.set_offset(attempt.task.id, attempt.number, attempt.offset)
+            lines = attempt.splitter.feed(data)
+            if lines:
+                self._take_lines(attempt, lines)
+
+    def _take_lines(self, attempt: _Attempt, lines: Sequence[str]) -> None:
+        assert self.journal is not None
+        ex = attempt.extractor
+        ex.feed_lines(lines)
+        self._emit(LinesReceived(task_id=attempt.task.id, slot=attempt.slot.key, lines=tuple(lines)))
+        if ex.progress != attempt.progress and ex.progress is not None:
+            attempt.progress = ex.progress
+            self.journal.set_progress(attempt.task.id, ex.progress[0], ex.progress[1], ex.last_line)
+            self._emit(TaskProgressed(task_id=attempt.task.id, slot=attempt.slot.key, done=ex.progress[0],
+                                      total=ex.progress[1]))
+
+    # -- results and events -------------------------------------------------------------------------------------
+
+    def _captures(self) -> Mapping[str, object]:
+        """Values captured by earlier stages (service stages fill this; queue and run stages capture nothing)."""
+        return {}
+
+    def _write_results(self, *, force: bool) -> None:
+        assert self.journal is not None and self.plan is not None
+        now = time.monotonic()
+        if not force and now - self._last_results < self.options.results_interval:
+            return
+        self._last_results = now
+        rows = results_rows(self.journal, self.plan)
+        if not rows:
+            return
+        axes = [a for s in self.plan.stages if isinstance(s.spec, QueueStage) for a in s.spec.grid]
+        columns = select_columns(self.loaded.recipe.results, list(dict.fromkeys(axes)), self._metrics.metric_names())
+        csv_path, json_path = write_results(self.rd.path, rows, columns, self.loaded.recipe.results)
+        self._emit(ResultsWritten(csv=csv_path, json=json_path, rows=len(rows)))
+
+    def _note(self, level: str, text: str) -> None:
+        if self.journal is not None:
+            self.journal.event("note", level=level, text=text)
+        self._emit(EngineNote(level=level, text=text))
+
+    def _emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+
+def results_rows(journal: Journal, plan: Plan) -> list[dict[str, object]]:
+    """One row per task of the queue stages (and of run stages that produced metrics)."""
+    metrics = journal.metrics()
+    queue_stages = {s.name for s in plan.stages if isinstance(s.spec, QueueStage)}
+    rows: list[dict[str, object]] = []
+    for t in journal.tasks():
+        m = metrics.get(t.id, {})
+        if t.stage not in queue_stages and not m:
+            continue
+        row: dict[str, object] = {
+            "task": t.id, "stage": t.stage, "label": t.label, "host": t.host, "gpu": t.gpu, "state": t.state,
+            "rc": t.rc, "attempts": t.attempts,
+            "duration": round(t.ended - t.started, 3) if t.ended and t.started else None,
+            "started": t.started, "ended": t.ended,
+        }
+        row.update(t.values)
+        row.update(m)
+        rows.append(row)
+    return rows
+
+
+def _exit_reason(rc: int | None) -> str:
+    if rc is None:
+        return "no exit code"
+    if rc == 127:
+        return "exit 127: program not found (check the command and PATH on the host)"
+    if rc == 126:
+        return "exit 126: working directory missing or program not executable"
+    if rc > 128:
+        try:
+            name = signal.Signals(rc - 128).name
+        except ValueError:
+            name = f"signal {rc - 128}"
+        return f"exit {rc}: killed by {name}"
+    return f"exit {rc}"

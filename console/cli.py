@@ -17,13 +17,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from remote.recipe_loader import LoadedRecipe, RecipeError, load_recipe
-
 from console.headless import HeadlessPrinter
 from remote.engine import Engine, EngineError, EngineOptions, discover_slots, make_transport
 from remote.journal import Journal
 from remote.plan import Plan, build_plan, effective_hosts
 from remote.recipe import QueueStage
+from remote.recipe_loader import LoadedRecipe, RecipeError, load_recipe
 from remote.rundir import RunDir, RunDirError, default_run_dir, prepare
 from remote.slots import Slot, SlotError, declared_slots
 from remote.testbed import TestbedError, testbed_down, testbed_up
@@ -51,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"benchfleet: {message}", file=sys.stderr)
+    """Print each problem as one line (preflight may find several) and return the exit status."""
+    for line in message.splitlines() or [message]:
+        print(f"benchfleet: {line}", file=sys.stderr)
     return code
 
 

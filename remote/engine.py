@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 import uuid
@@ -47,13 +48,17 @@ from remote.rundir import EngineLock, RunDir, write_private
 from remote.scheduler import SlotQueues
 from remote.slots import NVIDIA_SMI_QUERY, Slot, SlotError, declared_slots, parse_nvidia_smi
 from remote.template import render
-from remote.transport.base import Handle, HostError, LaunchSpec, ProcState, Transport
+from remote.transport.base import ConnectionLost, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.transport.local import LocalTransport, engine_python
+from remote.transport.ssh import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, OP_TIMEOUT, SSHTransport
 
 READ_CHUNK = 1 << 20
 """Bytes read from a task's output per call; large enough that a fast printer never falls behind."""
 
 RESULT_FILE_LIMIT = 64 << 20
+
+FAST_POLL = 0.005
+"""First poll delay after a launch or an exit; doubles up to EngineOptions.poll_interval while nothing changes."""
 
 
 class EngineError(Exception):
@@ -100,8 +105,29 @@ def make_transport(host: str, spec: HostSpec, rd: RunDir, recipe_dir: Path) -> T
     if spec.ssh is None:
         workdir = spec.workdir or str(recipe_dir)
         return LocalTransport(host, rd.state_root(host), workdir, dict(spec.env))
-    raise EngineError(f"host {host}: ssh hosts need the SSH transport, which this version does not have yet; "
-                      "remove `ssh` to run on this machine")
+    try:
+        tuning = ssh_tuning()
+        return SSHTransport(host, spec.ssh, ssh_config=spec.ssh_config, workdir=spec.workdir, env=dict(spec.env),
+                            keepalive_interval=tuning.get("keepalive_interval", KEEPALIVE_INTERVAL),
+                            op_timeout=tuning.get("op_timeout", OP_TIMEOUT),
+                            connect_timeout=tuning.get("connect_timeout", CONNECT_TIMEOUT))
+    except HostError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def ssh_tuning() -> dict[str, float]:
+    """Keepalive and timeout overrides from the environment (tests and flaky links); defaults otherwise."""
+    names = {"keepalive_interval": "BENCHFLEET_SSH_KEEPALIVE", "op_timeout": "BENCHFLEET_SSH_OP_TIMEOUT",
+             "connect_timeout": "BENCHFLEET_SSH_CONNECT_TIMEOUT"}
+    out: dict[str, float] = {}
+    for key, env in names.items():
+        value = os.environ.get(env)
+        if value:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise EngineError(f"{env}={value!r}: expected a number of seconds") from None
+    return out
 
 
 async def discover_slots(host: str, spec: HostSpec, transport: Transport) -> list[Slot]:
@@ -142,6 +168,8 @@ class Engine:
         self._queues: SlotQueues | None = None
         self._lock = EngineLock(rd)
         self._monitors: list[asyncio.Task[None]] = []
+        self._kicks: dict[str, asyncio.Event] = {}
+        self._offline: set[str] = set()
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -216,6 +244,7 @@ class Engine:
                               slots=tuple(s.key for s in plan.slots)))
         for host in hosts:
             self._monitors.append(asyncio.create_task(self._monitor(host), name=f"monitor-{host}"))
+        await self._preflight()
         if self.resume:
             await self._reconcile()
 
@@ -235,6 +264,49 @@ class Engine:
                                results_csv=self.rd.results_csv if self.rd.results_csv.exists() else None)
         self._emit(finished)
         return finished
+
+    # -- preflight ---------------------------------------------------------------------------------------------
+
+    async def _preflight(self) -> None:
+        """Check every host's programs and working directories first: a campaign never starts half-way."""
+        assert self.plan is not None
+        problems: list[str] = []
+        for stage in self.plan.stages:
+            if not stage.spec.preflight or not stage.tasks:
+                continue
+            for host in dict.fromkeys(s.host for s in stage.slots):
+                transport = self._transports[host]
+                slot = next(s for s in stage.slots if s.host == host)
+                programs: dict[str, None] = {}
+                workdirs: dict[str, None] = {}
+                for task in stage.tasks:
+                    values = {**runtime_values(slot, attempt=1, task_id=task.id, run_dir=self.rd.path.resolve(),
+                                               python=self._python_for(host))}
+                    program = task.argv[0] if task.argv else ""
+                    if program and "{" not in (rendered := _try_render(program, values)):
+                        programs[rendered] = None
+                    workdirs[self._workdir_for(task, host, values)] = None
+                for workdir in workdirs:
+                    try:
+                        missing = await transport.check(workdir, list(programs))
+                    except HostError as exc:
+                        problems.append(str(exc))
+                        break
+                    problems.extend(f"host {host}: stage {stage.name}: {m}; install it there or fix the recipe "
+                                    "(or set preflight = false if an earlier stage creates it)" for m in missing)
+        if problems:
+            unique = list(dict.fromkeys(problems))
+            raise EngineError("\n".join(unique))
+
+    def _python_for(self, host: str) -> str:
+        assert self.plan is not None
+        return engine_python() if self.plan.hosts[host].ssh is None else "python3"
+
+    def _workdir_for(self, task: TaskPlan, host: str, values: Mapping[str, object]) -> str:
+        assert self.plan is not None
+        if task.workdir:
+            return _try_render(task.workdir, values)
+        return self.plan.hosts[host].workdir or self._transports[host].default_workdir()
 
     # -- reconcile ----------------------------------------------------------------------------------------------
 
@@ -356,7 +428,7 @@ class Engine:
             assert self.journal is not None
             number = self.journal.next_attempt(task.id)
             try:
-                attempt = await self._launch(stage, task, slot, number)
+                launched = await self._launch(stage, task, slot, number)
             except HostError as exc:
                 self._note("error", str(exc))
                 assert self.journal is not None
@@ -366,7 +438,9 @@ class Engine:
                 self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
                                       attempt=number, rc=None, state=outcome.state, reason=str(exc), duration=0.0))
                 continue
-            await self._await_attempt(attempt, queues)
+            if launched is None:
+                return  # stopping while the host was unreachable; the journal knows the launch may be pending
+            await self._await_attempt(launched, queues)
 
     async def _finish_adopted(self, attempt: _Attempt, queues: SlotQueues) -> None:
         self._running[attempt.task.id] = attempt
@@ -375,12 +449,11 @@ class Engine:
 
     # -- one attempt --------------------------------------------------------------------------------------------
 
-    async def _launch(self, stage: StagePlan, task: TaskPlan, slot: Slot, number: int) -> _Attempt:
+    async def _launch(self, stage: StagePlan, task: TaskPlan, slot: Slot, number: int) -> _Attempt | None:
         assert self.journal is not None and self.plan is not None
         transport = self._transports[slot.host]
-        host_spec = self.plan.hosts[slot.host]
         values = {**runtime_values(slot, attempt=number, task_id=task.id, run_dir=self.rd.path.resolve(),
-                                   python=engine_python() if host_spec.ssh is None else "python3"),
+                                   python=self._python_for(slot.host)),
                   **self._captures()}
         argv = [render(a, values) for a in task.argv]
         env = {k: render(v, values) for k, v in task.env.items()}
@@ -388,16 +461,61 @@ class Engine:
         if isolate:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         env.update({"BENCHFLEET_TASK_ID": task.id, "BENCHFLEET_ATTEMPT": str(number), "BENCHFLEET_SLOT": slot.key})
-        workdir = render(task.workdir, values) if task.workdir else (host_spec.workdir or transport.default_workdir())
+        workdir = self._workdir_for(task, slot.host, values)
         name = f"{task.id}.{number}"
         self.journal.begin_attempt(task_id=task.id, attempt=number, host=slot.host, gpu=slot.gpu, name=name)
-        handle = await transport.launch(LaunchSpec(name=name, argv=argv, env=env, workdir=workdir))
+        handle = await self._launch_idempotent(transport, LaunchSpec(name=name, argv=argv, env=env, workdir=workdir))
+        if handle is None:
+            return None
         self.journal.attempt_launched(task.id, number, handle.task_dir, handle.pid, handle.pid_start)
         self.journal.event("task-started", task.id, attempt=number, slot=slot.key, argv=argv)
         attempt = self._open_attempt(task, stage, slot, number, handle, transport, resume_offset=None)
         self._running[task.id] = attempt
+        self._kicks.setdefault(slot.host, asyncio.Event()).set()
         self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key, attempt=number))
         return attempt
+
+    async def _launch_idempotent(self, transport: Transport, spec: LaunchSpec) -> Handle | None:
+        """Launch, riding out a lost connection: after a reconnect, look for the attempt before launching again,
+        so a launch cut off half-way never starts the task twice. None when the engine is stopping."""
+        delay = 0.5
+        retrying = False
+        while True:
+            try:
+                if retrying:
+                    found = await transport.find(spec.name)
+                    if found is not None:
+                        self._host_online(transport.host)
+                        return found
+                handle = await transport.launch(spec)
+                self._host_online(transport.host)
+                return handle
+            except ConnectionLost as exc:
+                self._host_offline(transport.host, str(exc))
+                retrying = True
+                if await self._sleep_unless_stopping(delay):
+                    return None
+                delay = min(30.0, delay * 2)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> bool:
+        """Sleep; True if a stop was requested meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stopping
+
+    def _host_offline(self, host: str, why: str) -> None:
+        if host not in self._offline:
+            self._offline.add(host)
+            if self.journal is not None:
+                self.journal.event("host-offline", host=host, reason=why)
+            self._note("warning", f"{why}; its tasks keep running, benchfleet reconnects and resumes their logs")
+
+    def _host_online(self, host: str) -> None:
+        if host in self._offline:
+            self._offline.discard(host)
+            if self.journal is not None:
+                self.journal.event("host-online", host=host)
+            self._note("info", f"host {host}: reconnected")
 
     def _open_attempt(self, task: TaskPlan, stage: StagePlan, slot: Slot, number: int, handle: Handle,
                       transport: Transport, *, resume_offset: int | None) -> _Attempt:
@@ -464,7 +582,7 @@ class Engine:
         for path_template, _what in ex.file_metrics():
             values = {**runtime_values(attempt.slot, attempt=attempt.number, task_id=task.id,
                                        run_dir=self.rd.path.resolve(), python="python3"),
-                      **self.loaded.recipe.variables, **task.values}
+                      **self.loaded.recipe.variables, "recipe_dir": str(self.plan_recipe_dir()), **task.values}
             path = render(path_template, values)
             data = await attempt.transport.read_file(path, attempt.transport.default_workdir(), RESULT_FILE_LIMIT)
             if data is not None:
@@ -510,27 +628,46 @@ class Engine:
                                 "after this failure; no new tasks will start")
         self._write_results(force=False)
 
+    def plan_recipe_dir(self) -> Path:
+        return self.loaded.path.resolve().parent
+
     # -- monitoring ---------------------------------------------------------------------------------------------
 
     async def _monitor(self, host: str) -> None:
-        """Poll the host's running attempts, copy their output, and resolve the ones that ended."""
+        """Poll the host's running attempts, copy their output, and resolve the ones that ended.
+
+        Polls start fast after a launch or an exit (short tasks are noticed within milliseconds) and back off to
+        `poll_interval` while nothing changes, so long tasks cost a few polls a second.
+        """
         transport = self._transports[host]
+        kick = self._kicks.setdefault(host, asyncio.Event())
+        delay = FAST_POLL
         while True:
             watched = [a for a in (*self._running.values(), *self._adopted.values())
                        if a.slot.host == host and not a.finished.done()]
             if watched:
                 try:
                     states = await transport.poll([a.handle for a in watched])
-                except HostError as exc:
-                    self._note("warning", f"{exc}; retrying")
-                    await asyncio.sleep(self.options.poll_interval * 5)
+                    for attempt, state in zip(watched, states, strict=True):
+                        if state.out_size > attempt.offset:
+                            await self._pump(attempt, state.out_size)
+                        if state.status != "running":
+                            attempt.finished.set_result(state)
+                            delay = FAST_POLL
+                    self._host_online(host)
+                except ConnectionLost as exc:
+                    self._host_offline(host, str(exc))
+                    await asyncio.sleep(1.0)
                     continue
-                for attempt, state in zip(watched, states, strict=True):
-                    if state.out_size > attempt.offset:
-                        await self._pump(attempt, state.out_size)
-                    if state.status != "running":
-                        attempt.finished.set_result(state)
-            await asyncio.sleep(self.options.poll_interval)
+                except HostError as exc:
+                    self._note("error", f"{exc}; retrying in 10s")
+                    await asyncio.sleep(10.0)
+                    continue
+            kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kick.wait(), delay)
+                delay = FAST_POLL
+            delay = min(self.options.poll_interval, delay * 2)
 
     async def _pump(self, attempt: _Attempt, size: int) -> None:
         """Copy new output into logs/, commit the offset, and feed the lines to the extractor and listeners."""
@@ -607,6 +744,14 @@ def results_rows(journal: Journal, plan: Plan) -> list[dict[str, object]]:
         row.update(m)
         rows.append(row)
     return rows
+
+
+def _try_render(text: str, values: Mapping[str, object]) -> str:
+    """Render what can be rendered now; placeholders filled later (captures) stay as they are."""
+    try:
+        return render(text, values)
+    except ValueError:
+        return text
 
 
 def _exit_reason(rc: int | None) -> str:

@@ -19,7 +19,7 @@ from remote.recipe import GridAxis, Scalar
 MAX_AXIS_VALUES = 100_000
 """Most values one axis may have: a typo like "1..1000000000" is an error, not a frozen planner."""
 
-MAX_GRID_TASKS = 1_000_000
+MAX_GRID_TASKS = 100_000
 """Most tasks one grid may expand to."""
 
 RANGE_EXAMPLE = 'a range like "1..48" or "2..16:2", or a list of values'

@@ -35,6 +35,8 @@ class HostSpec(_Strict):
 
     ssh: str | None = None
     """An alias from ~/.ssh/config, or `user@host:port`. Absent: this machine, through the local transport."""
+    ssh_config: str | None = None
+    """An extra ssh_config file read before ~/.ssh/config (`benchfleet testbed up` writes one for its hosts)."""
     gpus: int | Literal["auto"] | list[int] = "auto"
     """GPU slots: a count (slots 0..N-1), an explicit list of GPU indices, or "auto" to ask nvidia-smi."""
     workdir: str | None = None
@@ -63,7 +65,8 @@ class MetricSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     json_path: str | None = Field(default=None, alias="json")
-    """(`json` in the recipe) A dotted key path read from JSON-object log lines (`metrics.total_tps`, `items.0.x`), or from `file`."""
+    """(`json` in the recipe) A dotted key path read from JSON-object log lines (`metrics.total_tps`,
+    `items.0.x`), or from `file`."""
     file: str | None = None
     """A result file the task writes (relative to its working directory; placeholders allowed), parsed as JSON
     when `json` is set, else scanned line by line with `regex`."""
@@ -126,6 +129,9 @@ class QueueStage(_Strict):
     """Regex with two groups (done, total) for per-task progress; default: tqdm-like "k/N"."""
     isolate_gpu: bool = True
     """Set CUDA_VISIBLE_DEVICES to the task's slot. Turn off for programs that pick the device themselves."""
+    preflight: bool = True
+    """Before the campaign starts, check on each host that the program and working directory exist. Turn off
+    for a program an earlier stage creates."""
 
     @field_validator("halt")
     @classmethod
@@ -172,6 +178,8 @@ class RunStage(_Strict):
     """Regex the run must print to count as successful."""
     retries: Annotated[int, Field(ge=0, le=100)] = 0
     """Extra attempts when it fails."""
+    preflight: bool = True
+    """Check the program and working directory on each host before the campaign starts."""
 
     @field_validator("timeout")
     @classmethod

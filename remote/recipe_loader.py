@@ -58,18 +58,11 @@ class RecipeError(Exception):
         first = self.problems[0]
         self.line = first.line
         self.field = first.field
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        first = self.problems[0]
         where = self.file if first.line is None else f"{self.file}:{first.line}"
         what = f"{first.field}: {first.message}" if first.field else first.message
         more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
         # A value quoted into a message may hold a newline; the report must stay one line.
-        return f"{where}: {what}{more}".replace("\r", "\\r").replace("\n", "\\n")
-
-    def __str__(self) -> str:
-        return self._format()
+        super().__init__(f"{where}: {what}{more}".replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass(frozen=True)
@@ -212,7 +205,7 @@ _EXPECT: dict[str, str] = {
     "variables": "a table of values, e.g. [variables] then batch_size = 8",
     "variables.*": "a string, number or boolean",
     "hosts": "a table per host, e.g. [hosts.gpu-a]",
-    "hosts.*": "a table with ssh, gpus, workdir, env",
+    "hosts.*": 'a [hosts.NAME] table, e.g. ssh = "gpu-a" and gpus = 8',
     "hosts.*.ssh": 'an alias from ~/.ssh/config or "user@host:port"',
     "hosts.*.gpus": 'a GPU count (e.g. 8), "auto", or a list of GPU indices (e.g. [0, 1])',
     "hosts.*.gpus[]": "a GPU index (an integer >= 0)",

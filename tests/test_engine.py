@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from remote.engine import EngineError
 from remote.events import TaskExited, TaskStarted
 from remote.procfs import is_alive
 from tests.conftest import run_engine
@@ -186,13 +189,44 @@ def test_done_regex_required_for_success(write_recipe: Writer, tmp_path: Path) -
     assert "no line matched done" in failed.reason
 
 
-def test_missing_program_is_a_clear_failure(write_recipe: Writer, tmp_path: Path) -> None:
+def test_preflight_refuses_to_start_with_a_missing_program(write_recipe: Writer, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    recipe = write_recipe(f"""
+        name = "missing"
+        [hosts.here]
+        gpus = 1
+        [[stage]]
+        kind = "queue"
+        command = "sh -c 'echo ran >> {marks}'"
+        [[stage]]
+        kind = "run"
+        command = "definitely-not-a-program-xyz --flag"
+        [[stage]]
+        kind = "run"
+        name = "elsewhere"
+        workdir = "/no/such/dir"
+        command = "true"
+    """)
+    with pytest.raises(EngineError) as info:
+        run_engine(recipe, tmp_path / "run")
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "host here: stage run: program definitely-not-a-program-xyz is not on PATH; install it there or fix the "
+        "recipe (or set preflight = false if an earlier stage creates it)",
+        "host here: stage elsewhere: working directory /no/such/dir does not exist; install it there or fix the "
+        "recipe (or set preflight = false if an earlier stage creates it)",
+    ]
+    assert not marks.exists(), "nothing ran: the campaign does not start half-way"
+
+
+def test_missing_program_without_preflight_is_a_clear_failure(write_recipe: Writer, tmp_path: Path) -> None:
     recipe = write_recipe("""
         name = "missing"
         [hosts.here]
         gpus = 1
         [[stage]]
         kind = "queue"
+        preflight = false
         command = "definitely-not-a-program-xyz --flag"
     """)
     finished, events = run_engine(recipe, tmp_path / "run")

@@ -16,6 +16,10 @@ class HostError(Exception):
     """A host cannot do what was asked (unreachable, missing program, no permission); one line naming the host."""
 
 
+class ConnectionLost(HostError):
+    """The link to a host dropped or stalled; transient: the transport reconnects with backoff, tasks keep running."""
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything needed to start one attempt of a task."""
@@ -91,6 +95,10 @@ class Transport(ABC):
     @abstractmethod
     async def read_file(self, path: str, workdir: str, limit: int) -> bytes | None:
         """A file a task wrote (relative paths from `workdir`), or None when it does not exist."""
+
+    @abstractmethod
+    async def check(self, workdir: str, programs: Sequence[str]) -> list[str]:
+        """Preflight: what is missing on the host (the working directory, programs not on PATH), one item each."""
 
     @abstractmethod
     def default_workdir(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,6 +161,23 @@ class LocalTransport(Transport):
                 return f.read(limit)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+
+    async def check(self, workdir: str, programs: Sequence[str]) -> list[str]:
+        missing: list[str] = []
+        if not Path(workdir).is_dir():
+            missing.append(f"working directory {workdir} does not exist")
+            return missing
+        for program in programs:
+            if "/" in program:
+                path = Path(workdir) / program
+                if not (path.is_file() and os.access(path, os.X_OK)):
+                    missing.append(f"program {program} is not an executable file (from {workdir})")
+            elif shutil.which(program, path=self._search_path()) is None:
+                missing.append(f"program {program} is not on PATH")
+        return missing
+
+    def _search_path(self) -> str:
+        return self._env.get("PATH", os.environ.get("PATH", os.defpath))
 
     async def close(self) -> None:
         self._reap()

@@ -27,6 +27,7 @@ from remote.rundir import RunDir, RunDirError, default_run_dir, prepare
 from remote.slots import Slot, SlotError, declared_slots
 from remote.testbed import TestbedError, testbed_down, testbed_up
 from remote.transport.base import HostError
+from remote.trust import fetch_host_key, record
 
 EXIT_OK, EXIT_FAILED, EXIT_RECIPE, EXIT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args[1:])
         if args and args[0] == "testbed":
             return cmd_testbed(args[1:])
+        if args and args[0] == "trust":
+            return cmd_trust(args[1:])
         return cmd_run(args)
     except KeyboardInterrupt:
         print("benchfleet: interrupted", file=sys.stderr)
@@ -62,7 +65,8 @@ def _fail(message: str, code: int) -> int:
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchfleet",
-        description="Run a benchmark campaign described by a recipe. Subcommands: check RECIPE, testbed up|down.",
+        description="Run a benchmark campaign described by a recipe. Subcommands: check RECIPE, "
+        "trust HOST, testbed up|down.",
     )
     p.add_argument("recipe_pos", nargs="?", metavar="RECIPE", help="open the console on RECIPE (not yet available)")
     p.add_argument("--recipe", type=Path, help="run RECIPE headless (no console)")
@@ -273,6 +277,44 @@ def _print_labels(labels: list[str], show_all: bool, *, indent: str) -> None:
         print(f"{indent}{label}")
     if len(labels) > limit:
         print(f"{indent}... {len(labels) - limit} more (--all lists every task)")
+
+
+# -- trust ------------------------------------------------------------------------------------------------------
+
+
+def cmd_trust(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="benchfleet trust",
+                                description="Show the SSH host key a host presents and record it in benchfleet's "
+                                "known_hosts after you confirm. Host keys are always verified; this is how a new "
+                                "host becomes known.")
+    p.add_argument("target", help="an ssh_config alias or user@host:port, as in a recipe's `ssh`")
+    p.add_argument("--ssh-config", help="an extra ssh_config file (as a recipe's `ssh_config`)")
+    p.add_argument("--yes", action="store_true", help="record without asking (only after checking the fingerprint "
+                   "some other way)")
+    ns = p.parse_args(args)
+    try:
+        presented = asyncio.run(fetch_host_key(ns.target, ns.ssh_config))
+    except HostError as exc:
+        return _fail(str(exc), EXIT_RUN)
+    where = presented.patterns()
+    print(f"{where} presents {presented.key.get_algorithm()} key {presented.fingerprint}")
+    if presented.already_trusted:
+        print("already trusted; nothing to do")
+        return EXIT_OK
+    if presented.known_elsewhere:
+        print("WARNING: a known_hosts file lists a DIFFERENT key for this host: it was reinstalled, or someone is "
+              "in the middle. Record it only if you know why it changed.")
+    if not ns.yes:
+        if not sys.stdin.isatty():
+            return _fail("not recording without confirmation; rerun on a terminal, or pass --yes after checking "
+                         "the fingerprint with the host's administrator", EXIT_RECIPE)
+        answer = input(f"Record this key for {where}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("not recorded")
+            return EXIT_FAILED
+    path = record(presented)
+    print(f"recorded in {path}")
+    return EXIT_OK
 
 
 # -- testbed ----------------------------------------------------------------------------------------------------

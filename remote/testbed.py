@@ -82,7 +82,10 @@ class Testbed:
 
     def recipe_hosts_toml(self) -> str:
         """The `[hosts.*]` tables for pasting into a recipe."""
-        return "\n".join(f'[hosts.{host.name}]\nssh = "{host.name}"\ngpus = "auto"\n' for host in self.hosts)
+        return "\n".join(
+            f'[hosts.{host.name}]\nssh = "{host.name}"\nssh_config = "{self.ssh_config}"\ngpus = "auto"\n'
+            for host in self.hosts
+        )
 
     def instructions(self) -> str:
         """What `benchfleet testbed up` prints: the hosts, and how to point a recipe (or ssh) at them."""
@@ -656,6 +659,34 @@ def _teardown(folder: Path, state: dict[str, Any], *, keep_folder: bool) -> list
         shutil.rmtree(folder)
         removed.append(f"folder {folder}")
     return removed
+
+
+def stop_sshd(folder: Path, name: str) -> list[int]:
+    """Kill one host's sshd and every SSH session it serves (netns mode): its connections drop, its tasks live on.
+
+    Fault-injection for tests and rehearsals: `start_sshd` brings the host back.
+    """
+    state = _read_state(folder)
+    if state is None:
+        raise TestbedError(f"{folder}: no testbed here")
+    host = next((h for h in state["hosts"] if h["name"] == name), None)
+    if host is None or host.get("netns") is None:
+        raise TestbedError(f"{name}: not a network-namespace host of the testbed in {folder}")
+    pids = {int(p) for p in _ip("netns", "pids", host["netns"]).split()}
+    sshds = {pid for pid in pids if _command_name(pid) in ("sshd", "sshd-session")}
+    return _terminate(sshds, grace=1.0)
+
+
+def start_sshd(folder: Path, name: str, *, timeout: float = 15.0) -> None:
+    """Start a host's sshd again after `stop_sshd` and wait until it accepts connections."""
+    state = _read_state(folder)
+    if state is None:
+        raise TestbedError(f"{folder}: no testbed here")
+    host = next((h for h in state["hosts"] if h["name"] == name), None)
+    if host is None:
+        raise TestbedError(f"{name}: no such host in the testbed in {folder}")
+    _start_sshd(Path("/usr/sbin/sshd"), folder, host, state["mode"], state["id"])
+    _wait_ready(folder, [host], timeout)
 
 
 def testbed_down(folder: Path) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 from remote.engine import EngineError
 from remote.events import TaskExited, TaskStarted
 from remote.procfs import is_alive
+from remote.rundir import EngineLock, RunDir, RunDirError
 from tests.conftest import run_engine
 
 Writer = Callable[..., Path]
@@ -358,8 +359,6 @@ def test_resume_adopts_tasks_left_running(write_recipe: Writer, tmp_path: Path) 
 
 
 def test_two_engines_cannot_share_a_run_directory(write_recipe: Writer, tmp_path: Path) -> None:
-    from remote.rundir import EngineLock, RunDir, RunDirError
-
     rd = RunDir(tmp_path)
     first = EngineLock(rd)
     first.acquire()

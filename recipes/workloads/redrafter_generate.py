@@ -432,22 +432,33 @@ def load_or_build(
         if log is not None:
             log(f"building the tiny models into {path} (first use, a few seconds)")
         lm, drafter = build(hf_llm, hf_drafter)
-        blob = {
+        blob: dict[str, object] = {
             "config": dataclasses.asdict(lm.cfg),
             "target": lm.state_dict(),
             "drafter": drafter.state_dict(),
             "labels": {"hf_llm": hf_llm, "hf_drafter": hf_drafter, "format": FORMAT_VERSION},
         }
-        try:
-            fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ModelCacheError(f"{model_dir}: cannot save the tiny models ({exc}); pass --model_dir") from exc
+        _save_atomically(blob, path)
     return lm, drafter
+
+
+def _save_atomically(blob: dict[str, object], path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see a partial file."""
+    tmp = ""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ModelCacheError(f"{path.parent}: cannot save the tiny models ({exc}); pass --model_dir") from exc
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,8 +96,8 @@ class Testbed:
             lines.append(f"  {host.name:<6} {host.address}:{host.port}  {host.gpus} GPUs{netns}")
         lines += [
             "",
-            "Let ssh and benchfleet find the hosts: put this line at the top of ~/.ssh/config",
-            f"  Include {self.ssh_config}",
+            "The recipe entries below name this testbed's ssh_config; for plain ssh, put this line at the top of",
+            f"~/.ssh/config:  Include {self.ssh_config}",
             f"Try one: ssh -F {shlex.quote(str(self.ssh_config))} {self.hosts[0].name} nvidia-smi -L",
             "",
             "Hosts for a recipe:",

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -277,7 +278,7 @@ HOSTILE = ["a b", "it's", 'say "hi"', "x;rm -rf /tmp/bf-pwned", "$(touch /tmp/bf
 def connected(testbed: Testbed) -> Iterator[tuple[asyncio.AbstractEventLoop, SSHTransport]]:
     loop = asyncio.new_event_loop()
     transport = SSHTransport("tb2", "tb2", ssh_config=str(testbed.ssh_config))
-    loop.run_until_complete(transport.open("quoting-test"))
+    loop.run_until_complete(transport.open(f"quoting-{uuid.uuid4().hex[:8]}"))
     try:
         yield loop, transport
     finally:

@@ -98,7 +98,7 @@ def test_hosts_and_files_are_laid_out(bed: Testbed) -> None:
         assert {h.address for h in bed.hosts} == {"127.0.0.1"}
         assert len({h.port for h in bed.hosts}) == 2
         assert all(h.netns is None for h in bed.hosts)
-    assert '[hosts.tb2]\nssh = "tb2"\ngpus = "auto"' in bed.recipe_hosts_toml()
+    assert f'[hosts.tb2]\nssh = "tb2"\nssh_config = "{bed.ssh_config}"\ngpus = "auto"' in bed.recipe_hosts_toml()
     assert f"Include {bed.ssh_config}" in bed.instructions()
 
 

@@ -96,6 +96,7 @@ class _Attempt:
     started: float = field(default_factory=time.time)
     timed_out: bool = False
     interrupted: bool = False
+    cancelled: bool = False
     progress: tuple[int, int] | None = None
     finished: asyncio.Future[ProcState] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -170,6 +171,9 @@ class Engine:
         self._monitors: list[asyncio.Task[None]] = []
         self._kicks: dict[str, asyncio.Event] = {}
         self._offline: set[str] = set()
+        self._changed = asyncio.Event()
+        self._stage: StagePlan | None = None
+        self._paused_slots: set[str] = set()
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -181,6 +185,7 @@ class Engine:
         """Stop cleanly: no new dispatch, running process groups killed, journal left resumable."""
         self._stopping = True
         self._stop.set()
+        self._signal_change()
 
     async def run(self) -> RunFinished:
         """Run every stage; returns the final counts. Raises EngineError for problems a person must fix."""
@@ -244,6 +249,13 @@ class Engine:
                               slots=tuple(s.key for s in plan.slots)))
         for host in hosts:
             self._monitors.append(asyncio.create_task(self._monitor(host), name=f"monitor-{host}"))
+            if hosts[host].gpus == "auto":
+                self._monitors.append(asyncio.create_task(self._sample_gpus(host), name=f"gpus-{host}"))
+        self._monitors.append(asyncio.create_task(self._serve_requests(), name="requests"))
+        journal.set_meta("engine_pid", str(os.getpid()))
+        journal.set_meta("paused_slots", "[]")
+        journal.set_meta("queue_paused", "0")
+        journal.set_meta("hosts_offline", "[]")
         await self._preflight()
         if self.resume:
             await self._reconcile()
@@ -378,6 +390,9 @@ class Engine:
         halt_after = halt_threshold(spec.halt) if isinstance(spec, QueueStage) else 1
         queues = self._queues = SlotQueues([s.key for s in stage.slots], pending, retries=retries,
                                            halt_after=halt_after)
+        self._stage = stage
+        for key in self._paused_slots:
+            queues.pause(key)
         for task in pending:
             row = rows.get(task.id)
             if row is not None:
@@ -396,6 +411,7 @@ class Engine:
         orphans = [asyncio.create_task(self._finish_adopted(a, queues)) for a in adopted.values()
                    if a.slot.key not in {s.key for s in stage.slots}]
         await asyncio.gather(*workers, *orphans)
+        self._stage = None
         halted = queues.halted
         if halted:
             self._halted = True
@@ -423,7 +439,10 @@ class Engine:
         while not self._stopping:
             task = queues.next_for(slot.key)
             if task is None:
-                return
+                if self._stage_idle(stage, queues):
+                    return
+                await self._wait_change()  # paused, or waiting for retries other slots may produce
+                continue
             queues.started(task)
             assert self.journal is not None
             number = self.journal.next_attempt(task.id)
@@ -441,6 +460,20 @@ class Engine:
             if launched is None:
                 return  # stopping while the host was unreachable; the journal knows the launch may be pending
             await self._await_attempt(launched, queues)
+
+    def _stage_idle(self, stage: StagePlan, queues: SlotQueues) -> bool:
+        """Nothing left to start (or halted) and nothing of the stage running: its workers may finish."""
+        running = any(a.stage.name == stage.name for a in (*self._running.values(), *self._adopted.values()))
+        return not running and (queues.halted or not queues.pending())
+
+    def _signal_change(self) -> None:
+        """Wake slot workers waiting for work (a task ended, a retry was queued, a slot resumed, a stop)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), 1.0)
 
     async def _finish_adopted(self, attempt: _Attempt, queues: SlotQueues) -> None:
         self._running[attempt.task.id] = attempt
@@ -508,6 +541,7 @@ class Engine:
             self._offline.add(host)
             if self.journal is not None:
                 self.journal.event("host-offline", host=host, reason=why)
+                self.journal.set_meta("hosts_offline", json.dumps(sorted(self._offline)))
             self._note("warning", f"{why}; its tasks keep running, benchfleet reconnects and resumes their logs")
 
     def _host_online(self, host: str) -> None:
@@ -515,6 +549,7 @@ class Engine:
             self._offline.discard(host)
             if self.journal is not None:
                 self.journal.event("host-online", host=host)
+                self.journal.set_meta("hosts_offline", json.dumps(sorted(self._offline)))
             self._note("info", f"host {host}: reconnected")
 
     def _open_attempt(self, task: TaskPlan, stage: StagePlan, slot: Slot, number: int, handle: Handle,
@@ -589,9 +624,19 @@ class Engine:
                 ex.feed_file(path_template, data)
         duration = time.time() - attempt.started
         rc = proc.rc
+        self._signal_change()
+        if attempt.cancelled:
+            self.journal.end_attempt(task.id, attempt.number, "cancelled", rc, "cancelled by request")
+            self.journal.set_task_state(task.id, "cancelled", rc=rc, reason="cancelled by request", ended=time.time())
+            self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=attempt.slot.key,
+                                  attempt=attempt.number, rc=rc, state="cancelled", reason="cancelled by request",
+                                  duration=duration))
+            return
         if attempt.interrupted:
             self.journal.end_attempt(task.id, attempt.number, "interrupted", rc, "stopped by the user")
-            self.journal.set_task_state(task.id, "queued", rc=None, reason="interrupted", ended=time.time())
+            # An interrupted attempt does not count: the task is plain queued again, not "retrying".
+            self.journal.set_task_state(task.id, "queued", rc=None, reason="interrupted", ended=time.time(),
+                                        attempts=self._counted_attempts(task.id))
             self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=attempt.slot.key,
                                   attempt=attempt.number, rc=rc, state="queued", reason="interrupted",
                                   duration=duration))
@@ -695,6 +740,87 @@ class Engine:
             self._emit(TaskProgressed(task_id=attempt.task.id, slot=attempt.slot.key, done=ex.progress[0],
                                       total=ex.progress[1]))
 
+    # -- requests from viewers and GPU samples -------------------------------------------------------------------
+
+    async def _serve_requests(self) -> None:
+        """Act on what viewers asked through the journal (console keys), and record each outcome."""
+        assert self.journal is not None
+        while True:
+            for seq, kind, target, _data in self.journal.pending_requests():
+                try:
+                    outcome = await self._handle_request(kind, target)
+                except HostError as exc:
+                    outcome = f"failed: {exc}"
+                self.journal.handle_request(seq, outcome)
+                self.journal.event("request", request=kind, target=target, outcome=outcome)
+                self._note("info", f"{kind} {target or ''}: {outcome}".replace("  ", " "))
+            await asyncio.sleep(0.3)
+
+    async def _handle_request(self, kind: str, target: str | None) -> str:
+        assert self.journal is not None
+        queues, stage = self._queues, self._stage
+        if kind == "stop":
+            self.request_stop()
+            return "stopping: running tasks are killed, the run can be resumed"
+        if kind in ("pause", "resume"):
+            keys = [target] if target else [s.key for s in (self.plan.slots if self.plan else ())]
+            for key in keys:
+                if kind == "pause":
+                    self._paused_slots.add(key)
+                    if queues is not None:
+                        queues.pause(key)
+                else:
+                    self._paused_slots.discard(key)
+                    if queues is not None:
+                        queues.resume(key)
+            self.journal.set_meta("paused_slots", json.dumps(sorted(self._paused_slots)))
+            all_keys = {s.key for s in (self.plan.slots if self.plan else ())}
+            self.journal.set_meta("queue_paused", "1" if all_keys and all_keys <= self._paused_slots else "0")
+            self._signal_change()
+            what = f"slot {target}" if target else "the whole queue"
+            return f"{what} {'paused: running tasks finish, no new ones start' if kind == 'pause' else 'resumed'}"
+        if kind == "cancel":
+            if target is None:
+                return "refused: cancel needs a task id"
+            attempt = self._running.get(target) or self._adopted.get(target)
+            if attempt is not None:
+                attempt.cancelled = True
+                await attempt.transport.kill(attempt.handle, self.options.kill_grace)
+                return f"cancelled {attempt.task.label or attempt.task.stage} (its process group was killed)"
+            waiting = queues.remove(target) if queues is not None else None
+            if waiting is not None:
+                self.journal.set_task_state(target, "cancelled", reason="cancelled by request", ended=time.time())
+                self._signal_change()
+                return f"cancelled {waiting.label or waiting.stage} before it started"
+            return "refused: that task is neither running nor waiting"
+        if kind == "retry-failed":
+            if stage is None or queues is None or (target and target != stage.name):
+                return "refused: failed tasks can be retried while their stage runs (or with --resume --retry-failed)"
+            failed = {r.id for r in self.journal.tasks(stage.name) if r.state == "failed"}
+            tasks = [t for t in stage.tasks if t.id in failed]
+            for task in tasks:
+                queues.add(task)
+                self.journal.set_task_state(task.id, "queued", reason="retry requested")
+            if tasks:
+                queues.unhalt()
+                self._halted = False
+            self._signal_change()
+            return f"{len(tasks)} failed task(s) queued again"
+        return f"refused: unknown request {kind!r}"
+
+    async def _sample_gpus(self, host: str) -> None:
+        """nvidia-smi every 5 s for the console's sparklines; failures only leave gaps."""
+        assert self.journal is not None
+        transport = self._transports[host]
+        while True:
+            try:
+                result = await transport.run(GPU_SAMPLE_QUERY, timeout=10.0)
+                if result.rc == 0:
+                    self.journal.add_gpu_samples(host, parse_gpu_samples(result.stdout))
+            except HostError:
+                pass
+            await asyncio.sleep(GPU_SAMPLE_INTERVAL)
+
     # -- results and events -------------------------------------------------------------------------------------
 
     def _captures(self) -> Mapping[str, object]:
@@ -744,6 +870,28 @@ def results_rows(journal: Journal, plan: Plan) -> list[dict[str, object]]:
         row.update(m)
         rows.append(row)
     return rows
+
+
+GPU_SAMPLE_QUERY = ("nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+                    "--format=csv,noheader,nounits")
+GPU_SAMPLE_INTERVAL = 5.0
+
+
+def parse_gpu_samples(text: str) -> list[tuple[int, float | None, float | None, float | None]]:
+    """(gpu, util %, MiB used, MiB total) per line; "[N/A]" fields become None."""
+    out: list[tuple[int, float | None, float | None, float | None]] = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4 or not parts[0].isdigit():
+            continue
+        nums: list[float | None] = []
+        for p in parts[1:]:
+            try:
+                nums.append(float(p))
+            except ValueError:
+                nums.append(None)
+        out.append((int(parts[0]), nums[0], nums[1], nums[2]))
+    return out
 
 
 def _try_render(text: str, values: Mapping[str, object]) -> str:

@@ -82,12 +82,28 @@ CREATE TABLE IF NOT EXISTS requests(
     handled REAL,
     outcome TEXT
 );
+CREATE TABLE IF NOT EXISTS gpu_samples(
+    host TEXT NOT NULL,
+    gpu INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    util REAL,
+    mem_used REAL,
+    mem_total REAL
+);
+CREATE INDEX IF NOT EXISTS gpu_samples_slot ON gpu_samples(host, gpu, ts);
 CREATE INDEX IF NOT EXISTS tasks_stage ON tasks(stage, state);
 CREATE INDEX IF NOT EXISTS attempts_state ON attempts(state);
 """
 
 TASK_STATES = ("queued", "running", "done", "failed", "cancelled")
 """Task states; a queued task with attempts > 0 is waiting for a retry."""
+
+REQUEST_KINDS = ("cancel", "retry-failed", "pause", "resume", "stop")
+"""What a viewer may ask the engine (requests table): cancel TASK_ID; retry-failed [STAGE]; pause [SLOT] and
+resume [SLOT] (no target: the whole queue); stop. The engine records an outcome line for each."""
+
+GPU_SAMPLES_KEPT = 120
+"""Samples kept per GPU (at one per 5 s: ten minutes of sparkline); older ones are deleted as new ones arrive."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +334,29 @@ class Journal:
     def events(self, after: int = 0, limit: int = 1000) -> list[tuple[int, float, str, str | None, dict[str, object]]]:
         rows = self._db.execute("SELECT * FROM events WHERE seq>? ORDER BY seq LIMIT ?", (after, limit))
         return [(int(r["seq"]), float(r["ts"]), str(r["kind"]), r["task_id"], json.loads(r["data"])) for r in rows]
+
+    # -- GPU samples --------------------------------------------------------------------------------------------
+
+    def add_gpu_samples(self, host: str,
+                        samples: Sequence[tuple[int, float | None, float | None, float | None]]) -> None:
+        """Record (gpu, util %, MiB used, MiB total) samples taken now, keeping the last GPU_SAMPLES_KEPT per GPU."""
+        now = time.time()
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO gpu_samples(host, gpu, ts, util, mem_used, mem_total) VALUES(?, ?, ?, ?, ?, ?)",
+                [(host, gpu, now, util, used, total) for gpu, util, used, total in samples])
+            for gpu, *_ in samples:
+                self._db.execute(
+                    "DELETE FROM gpu_samples WHERE host=? AND gpu=? AND ts < (SELECT MIN(ts) FROM (SELECT ts FROM "
+                    "gpu_samples WHERE host=? AND gpu=? ORDER BY ts DESC LIMIT ?))",
+                    (host, gpu, host, gpu, GPU_SAMPLES_KEPT))
+
+    def gpu_samples(self, host: str, gpu: int, limit: int = GPU_SAMPLES_KEPT) -> list[tuple[float, float | None,
+                                                                                           float | None]]:
+        """(ts, util %, MiB used) oldest first."""
+        rows = self._db.execute("SELECT ts, util, mem_used FROM gpu_samples WHERE host=? AND gpu=? ORDER BY ts DESC "
+                                "LIMIT ?", (host, gpu, limit)).fetchall()
+        return [(float(r["ts"]), r["util"], r["mem_used"]) for r in reversed(rows)]
 
     # -- requests from viewers ----------------------------------------------------------------------------------
 

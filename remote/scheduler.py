@@ -94,11 +94,33 @@ class SlotQueues:
         else:
             self._shared.appendleft(task)
 
+    def add(self, task: TaskPlan) -> None:
+        """Queue a task again (a retry someone asked for); it gets a fresh retry budget."""
+        self._attempts[task.id] = 0
+        self._enqueue(task)
+
+    def remove(self, task_id: str) -> TaskPlan | None:
+        """Take a waiting task out of its queue (cancelled); None when it is not waiting."""
+        for q in (self._shared, *self._pinned.values()):
+            for task in q:
+                if task.id == task_id:
+                    q.remove(task)
+                    return task
+        return None
+
+    def unhalt(self) -> None:
+        """Forget the failures that triggered the halt rule (a person asked to retry them)."""
+        self.halted = False
+        self.failures = 0
+
     def pause(self, slot: str) -> None:
         self._paused.add(slot)
 
     def resume(self, slot: str) -> None:
         self._paused.discard(slot)
+
+    def paused(self) -> list[str]:
+        return sorted(self._paused)
 
     def depth(self, slot: str) -> int:
         """Tasks waiting in the slot's own FIFO (shared tasks are counted by `shared_depth`)."""

@@ -342,7 +342,7 @@ def _keygen(path: Path, comment: str) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def _install_fake_nvidia_smi(bin_dir: Path, gpus: int) -> None:
+def install_fake_nvidia_smi(bin_dir: Path, gpus: int) -> None:
     """Copy the fake nvidia-smi with a shebang naming this interpreter, and the GPU count next to it."""
     bin_dir.mkdir(mode=0o755, exist_ok=True)
     source = (Path(__file__).parent / "fake_nvidia_smi.py").read_text()
@@ -603,7 +603,7 @@ def _bring_up(
         host_dir = folder / host["name"]
         host_dir.mkdir(mode=0o700)
         host["public_key"] = _keygen(host_dir / "ssh_host_ed25519_key", host["name"])
-        _install_fake_nvidia_smi(host_dir / "bin", host["gpus"])
+        install_fake_nvidia_smi(host_dir / "bin", host["gpus"])
 
     pending = hosts
     for _attempt in range(3):

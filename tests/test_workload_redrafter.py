@@ -49,7 +49,7 @@ def models(model_dir: Path) -> tuple[rg.TinyLM, rg.RecurrentDrafter]:
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the script; output decoded without newline translation, so carriage returns survive."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], check=False, capture_output=True, timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
@@ -82,7 +82,7 @@ def test_wider_and_longer_beams_accept_no_fewer_tokens_per_step(
 ) -> None:
     # Per step a wider beam need not contain a narrower one's candidates, so this is a property of the averages.
     grid = [(1, 1), (1, 2), (1, 5), (4, 5), (8, 8)]
-    per_step = [_tokens_per_step(models, w, l) for w, l in grid]
+    per_step = [_tokens_per_step(models, width, length) for width, length in grid]
     assert per_step[0] == 1.0  # beam_length 1 drafts nothing
     assert per_step == sorted(per_step), dict(zip(grid, per_step, strict=True))
     assert per_step[3] > per_step[2]  # beam width alone helps the distilled drafter
@@ -222,7 +222,7 @@ def test_models_are_built_deterministically_from_their_names() -> None:
     # Hosts that each build their own cache must get the same models, or their results would not compare.
     small = rg.TinyConfig(d_model=32, d_ff=64, n_layers=1, d_draft=16, d_draft_head=32)
     (lm_a, drafter_a), (lm_b, drafter_b) = rg.build_models("llm", "d", small), rg.build_models("llm", "d", small)
-    lm_c, drafter_c = rg.build_models("other-llm", "d", small)
+    lm_c, _ = rg.build_models("other-llm", "d", small)
     assert torch.equal(lm_a.head.weight, lm_b.head.weight)
     assert torch.equal(drafter_a.cell.weight_hh, drafter_b.cell.weight_hh)  # distillation is deterministic too
     assert not torch.equal(lm_a.head.weight, lm_c.head.weight)

@@ -583,13 +583,18 @@ a recurrent drafter (a GRU fed the target's last hidden state) beam-searches --b
 all beams in one batched pass, and the longest agreeing prefix plus the target's next token is accepted.
 Decoding is greedy, so the output equals plain greedy decoding with the target (upstream's sweep samples).
 
-The models are tiny and random (vocab 512, 3 layers), never downloaded: --hf_llm/--hf_drafter/--hf_tokenizer
-only name them. They are built on first use (the drafter distilled from the target for a few seconds) and
-cached in --model_dir. Prompts are random token sequences drawn with --seed, not MT-Bench; their lengths
-are capped at {PROMPT_LENGTH_CAP} tokens and generation at {GENERATION_LENGTH_CAP} new tokens so a task takes
-seconds. As upstream, prompts are taken in batches of --batch_size and an incomplete last batch is dropped.
-The output is upstream's: a progress bar on stderr, each batch's sequences, then the summary table
-(Title: beamwidthW_beamlenL, tokens per step, acceptance rate, wall time per phase, Tokens/second).
+The models are tiny and random (vocab 512, 3 layers), never downloaded: --hf_llm, --hf_drafter and
+--hf_tokenizer only name them. They are built on first use (the drafter is distilled from the target for a
+few seconds) and cached in --model_dir. Prompts are random token sequences drawn with --seed, not MT-Bench.
+So that a task takes seconds, prompts are at most {PROMPT_LENGTH_CAP} tokens (--max_prompt_length is capped),
+generation stops after {GENERATION_LENGTH_CAP} new tokens (--max_generation_length is capped), and beams are at
+most {MAX_BEAM_WIDTH} wide and {MAX_BEAM_LENGTH} long. As upstream, prompts go in batches of --batch_size and an
+incomplete last batch is dropped.
+
+Output, as upstream prints it: a progress bar on stderr, a line of token sequences per batch, then the
+summary table: Title: beamwidthW_beamlenL; average tokens per step (accepted drafts + 1); acceptance rate
+100*(tokens per step - 1)/beam_length; mean wall time per step of each phase; Tokens/second = tokens per
+step / summed phase times (per sequence, as upstream computes it).
 """
 
 

@@ -27,7 +27,6 @@ from remote.rundir import RunDir, RunDirError, default_run_dir, prepare
 from remote.slots import Slot, SlotError, declared_slots
 from remote.testbed import TestbedError, testbed_down, testbed_up
 from remote.transport.base import HostError
-from remote.trust import fetch_host_key, record
 
 EXIT_OK, EXIT_FAILED, EXIT_RECIPE, EXIT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -292,6 +291,8 @@ def cmd_trust(args: list[str]) -> int:
     p.add_argument("--yes", action="store_true", help="record without asking (only after checking the fingerprint "
                    "some other way)")
     ns = p.parse_args(args)
+    from remote.trust import fetch_host_key, record  # noqa: PLC0415 (asyncssh loads only when needed)
+
     try:
         presented = asyncio.run(fetch_host_key(ns.target, ns.ssh_config))
     except HostError as exc:

@@ -50,7 +50,6 @@ from remote.slots import NVIDIA_SMI_QUERY, Slot, SlotError, declared_slots, pars
 from remote.template import render
 from remote.transport.base import ConnectionLost, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.transport.local import LocalTransport, engine_python
-from remote.transport.ssh import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, OP_TIMEOUT, SSHTransport
 
 READ_CHUNK = 1 << 20
 """Bytes read from a task's output per call; large enough that a fast printer never falls behind."""
@@ -106,6 +105,9 @@ def make_transport(host: str, spec: HostSpec, rd: RunDir, recipe_dir: Path) -> T
     if spec.ssh is None:
         workdir = spec.workdir or str(recipe_dir)
         return LocalTransport(host, rd.state_root(host), workdir, dict(spec.env))
+    # Imported here: asyncssh and cryptography cost a third of a second that local-only runs need not pay.
+    from remote.transport.ssh import CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, OP_TIMEOUT, SSHTransport  # noqa: PLC0415
+
     try:
         tuning = ssh_tuning()
         return SSHTransport(host, spec.ssh, ssh_config=spec.ssh_config, workdir=spec.workdir, env=dict(spec.env),
@@ -237,6 +239,8 @@ class Engine:
             except (HostError, SlotError) as exc:
                 raise EngineError(str(exc)) from None
             self._transports[host] = transport
+            if isinstance(transport, LocalTransport):
+                transport.on_exit = self._kicks.setdefault(host, asyncio.Event()).set
         plan = self.plan = build_plan(self.loaded, slots_by_host)
         with journal.transaction():
             for task in plan.all_tasks():
@@ -282,7 +286,10 @@ class Engine:
     async def _preflight(self) -> None:
         """Check every host's programs and working directories first: a campaign never starts half-way."""
         assert self.plan is not None
-        problems: list[str] = []
+        problems: list[str] = [
+            f"secret {name} is not set in benchfleet's environment; export it before starting the run"
+            for name in self.loaded.recipe.secrets if name not in os.environ
+        ]
         for stage in self.plan.stages:
             if not stage.spec.preflight or not stage.tasks:
                 continue
@@ -309,6 +316,10 @@ class Engine:
         if problems:
             unique = list(dict.fromkeys(problems))
             raise EngineError("\n".join(unique))
+
+    def _secrets(self) -> dict[str, str]:
+        """The recipe's secrets from the engine's environment (checked present by preflight)."""
+        return {name: os.environ[name] for name in self.loaded.recipe.secrets if name in os.environ}
 
     def _python_for(self, host: str) -> str:
         assert self.plan is not None
@@ -494,6 +505,7 @@ class Engine:
         if isolate:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         env.update({"BENCHFLEET_TASK_ID": task.id, "BENCHFLEET_ATTEMPT": str(number), "BENCHFLEET_SLOT": slot.key})
+        env.update(self._secrets())
         workdir = self._workdir_for(task, slot.host, values)
         name = f"{task.id}.{number}"
         self.journal.begin_attempt(task_id=task.id, attempt=number, host=slot.host, gpu=slot.gpu, name=name)

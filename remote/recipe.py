@@ -238,6 +238,9 @@ class Recipe(_Strict):
     """The results table."""
     plot: list[PlotSpec] = Field(default_factory=list)
     """Plots over the results."""
+    secrets: list[str] = Field(default_factory=list)
+    """Names of environment variables (tokens) passed from benchfleet's own environment to every task. Their values
+    never enter the recipe, the journal, a log, or a command line: they travel in each task's 0600 env file."""
 
 
 _DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>s|m|h|d)?\s*$")

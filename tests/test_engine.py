@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -293,24 +294,47 @@ def test_run_directory_is_private(write_recipe: Writer, tmp_path: Path) -> None:
     assert (run / "recipe.toml").read_text() == recipe.read_text()
 
 
-def test_secret_env_never_on_the_command_line(write_recipe: Writer, tmp_path: Path) -> None:
+def test_secret_env_never_on_the_command_line(write_recipe: Writer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cmdlines"
+    monkeypatch.setenv("HF_TOKEN", "hf_s3cret_value")
     recipe = write_recipe(f"""
         name = "secret"
+        secrets = ["HF_TOKEN"]
         [hosts.here]
         gpus = 1
         [[stage]]
         kind = "queue"
-        env = {{ HF_TOKEN = "hf_s3cret_value" }}
-        command = "sh -c 'echo token=$HF_TOKEN; cat /proc/[0-9]*/cmdline 2>/dev/null | tr \\\\0 \\" \\" > {out}'"
+        command = '''sh -c 'echo token=$(printf %s "$HF_TOKEN" | md5sum);
+                     cat /proc/[0-9]*/cmdline | tr "\\0" " " > {out}' '''
         [metrics]
         token = {{ regex = 'token=(\\S+)', type = "str" }}
     """)
     finished, _ = run_engine(recipe, tmp_path / "run")
     assert finished.counts["done"] == 1
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert rows[0]["token"] == "hf_s3cret_value"
+    assert rows[0]["token"] == hashlib.md5(b"hf_s3cret_value").hexdigest()
     assert "hf_s3cret_value" not in out.read_text()
+    # Nor in the journal or the recipe copy: only the name travels with the run.
+    run = tmp_path / "run"
+    assert b"hf_s3cret_value" not in (run / "journal.sqlite").read_bytes()
+    assert "hf_s3cret_value" not in (run / "recipe.toml").read_text()
+
+
+def test_missing_secret_is_a_preflight_error(write_recipe: Writer, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BF_ABSENT_TOKEN", raising=False)
+    recipe = write_recipe("""
+        name = "secret"
+        secrets = ["BF_ABSENT_TOKEN"]
+        [hosts.here]
+        gpus = 1
+        [[stage]]
+        kind = "queue"
+        command = "true"
+    """)
+    with pytest.raises(EngineError, match="secret BF_ABSENT_TOKEN is not set"):
+        run_engine(recipe, tmp_path / "run")
 
 
 def test_resume_skips_finished_cells_even_when_grid_reordered_and_extended(write_recipe: Writer,

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import re
+import shlex
 import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from remote.events import (
     EngineNote,
@@ -40,8 +43,19 @@ from remote.events import (
 )
 from remote.extract import LineSplitter, MetricSet, TaskExtractor
 from remote.journal import AttemptRow, Journal
-from remote.plan import Plan, StagePlan, TaskPlan, build_plan, effective_hosts, runtime_values
-from remote.recipe import HostSpec, QueueStage, RunStage, halt_threshold, parse_duration
+from remote.plan import Plan, ServiceRole, StagePlan, TaskPlan, build_plan, effective_hosts, runtime_values
+from remote.recipe import (
+    FetchStage,
+    HostSpec,
+    PipelineStage,
+    QueueStage,
+    RayStage,
+    RunStage,
+    ShapeStage,
+    SwarmStage,
+    halt_threshold,
+    parse_duration,
+)
 from remote.recipe_loader import LoadedRecipe
 from remote.results import select_columns, write_results
 from remote.rundir import EngineLock, RunDir, write_private
@@ -96,8 +110,21 @@ class _Attempt:
     timed_out: bool = False
     interrupted: bool = False
     cancelled: bool = False
+    aborted: str | None = None
+    """Killed because its trial failed (a service died); recorded as a failure that is not retried."""
     progress: tuple[int, int] | None = None
     finished: asyncio.Future[ProcState] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    """Services: set when the readiness log line was seen."""
+    ready_pattern: re.Pattern[str] | None = None
+    capture_patterns: dict[str, re.Pattern[str]] = field(default_factory=dict)
+    captured: dict[str, str] = field(default_factory=dict)
+    stopping: bool = False
+    """Services: being torn down on purpose, so its exit is not a failure."""
+
+
+class _TrialFailed(Exception):
+    """A trial cannot go on (a service never became ready, or died); one line with the service, host, last lines."""
 
 
 def make_transport(host: str, spec: HostSpec, rd: RunDir, recipe_dir: Path) -> Transport:
@@ -176,6 +203,11 @@ class Engine:
         self._changed = asyncio.Event()
         self._stage: StagePlan | None = None
         self._paused_slots: set[str] = set()
+        self._capture_values: dict[str, object] = {}
+        self._trial_failure: str | None = None
+        self._failed_trials: list[str] = []
+        self._shaped: list[tuple[Transport, Any]] = []
+        self._pending_teardown: list[_Attempt] = []
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -264,18 +296,17 @@ class Engine:
         if self.resume:
             await self._reconcile()
 
-        for stage in plan.stages:
+        for trial, stages in plan.trials():
             if self._stopping or self._halted:
                 break
-            failed = await self._run_stage(stage)
-            if failed and isinstance(stage.spec, RunStage):
-                self._note("error", f"stage {stage.name} failed; later stages were not started")
-                self._halted = True
+            await self._run_trial(trial, stages)
         self._write_results(force=True)
         counts = journal.counts()
         interrupted = self._stopping
         journal.set_meta("state", "interrupted" if interrupted else ("halted" if self._halted else "finished"))
         journal.event("engine-stopped", interrupted=interrupted, halted=self._halted, counts=counts)
+        if self._failed_trials:
+            counts = {**counts, "failed": max(counts.get("failed", 0), 1)}
         finished = RunFinished(counts=counts, interrupted=interrupted, halted=self._halted,
                                results_csv=self.rd.results_csv if self.rd.results_csv.exists() else None)
         self._emit(finished)
@@ -377,6 +408,323 @@ class Engine:
             self.journal.attempt_launched(row.task_id, row.attempt, handle.task_dir, handle.pid, handle.pid_start)
         return handle
 
+    # -- trials and services ------------------------------------------------------------------------------------
+
+    async def _run_trial(self, trial: str, stages: Sequence[StagePlan]) -> None:
+        """One pass over the stages with one trial's values; services and shaping are torn down however it ends."""
+        assert self.journal is not None
+        self._capture_values = {}
+        self._trial_failure = None
+        services: list[_Attempt] = []
+        watchers: list[asyncio.Task[None]] = []
+        if trial:
+            self.journal.event("trial-started", trial=trial)
+            self._note("info", f"trial {trial}: starting")
+        try:
+            for stage in stages:
+                if self._stopping or self._halted or self._trial_failure is not None:
+                    break
+                if isinstance(stage.spec, QueueStage | RunStage):
+                    failed = await self._run_stage(stage)
+                    if failed and isinstance(stage.spec, RunStage):
+                        raise _TrialFailed(f"stage {stage.name} failed; later stages of this trial were not started")
+                elif isinstance(stage.spec, ShapeStage):
+                    await self._apply_shape(stage)
+                elif isinstance(stage.spec, FetchStage):
+                    await self._fetch(stage)
+                else:
+                    started = await self._start_services(stage)
+                    services.extend(started)
+                    watchers.extend(asyncio.create_task(self._watch_service(a)) for a in started)
+            if self._trial_failure is not None:
+                raise _TrialFailed(self._trial_failure)
+        except _TrialFailed as exc:
+            label = f"trial {trial}: " if trial else ""
+            self._failed_trials.append(trial)
+            self.journal.event("trial-failed", trial=trial, reason=str(exc))
+            self._note("error", f"{label}{exc}")
+        finally:
+            for w in watchers:
+                w.cancel()
+            await self._teardown(services)
+
+    async def _start_services(self, stage: StagePlan) -> list[_Attempt]:
+        """Launch a service-like stage group by group, wait until each instance is ready, publish its captures."""
+        assert self.journal is not None and self.plan is not None
+        started: list[_Attempt] = []
+        self.journal.event("stage-started", stage=stage.name, pending=len(stage.tasks), adopted=0)
+        self._emit(StageStarted(stage=stage.name, kind=stage.kind, total=len(stage.tasks), already_done=0))
+        slots = {s.key: s for s in self.plan.slots}
+        groups = sorted({t.service.group for t in stage.tasks if t.service is not None})
+        try:
+            for group in groups:
+                members = [t for t in stage.tasks if t.service is not None and t.service.group == group]
+                batch: list[_Attempt] = []
+                for task in members:
+                    if self._stopping:
+                        raise _TrialFailed("stopped while starting services")
+                    slot = slots.get(task.pinned_slot or "") or self._slot_of_host(task)
+                    number = self.journal.next_attempt(task.id)
+                    attempt = await self._launch(stage, task, slot, number)
+                    if attempt is None:
+                        raise _TrialFailed("stopped while starting services")
+                    role = task.service
+                    assert role is not None
+                    attempt.ready_pattern = re.compile(role.ready_log) if role.ready_log else None
+                    attempt.capture_patterns = {k: re.compile(v) for k, v in role.capture.items()}
+                    batch.append(attempt)
+                    started.append(attempt)
+                await asyncio.gather(*(self._until_ready(stage, a) for a in batch))
+                self._publish_captures(stage, batch)
+            await self._cluster_checks(stage, started)
+        except BaseException:
+            # Whatever failed, what did start must still be torn down by the trial.
+            self._pending_teardown = started
+            raise
+        names = ", ".join(f"{{{k}}}" for k in sorted(self._capture_values) if k.startswith(stage.name + "."))
+        self._note("info", f"stage {stage.name}: {len(started)} instance(s) ready" + (f"; {names}" if names else ""))
+        self.journal.event("stage-finished", stage=stage.name, counts={"running": len(started)}, halted=False)
+        return started
+
+    def _slot_of_host(self, task: TaskPlan) -> Slot:
+        host = (task.pinned_slot or "local:0").rsplit(":", 1)[0]
+        return Slot(host=host, gpu=0)
+
+    async def _until_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
+        """Wait for the instance's readiness rule, or fail the trial with what is missing and its last lines."""
+        role = attempt.task.service
+        assert role is not None
+        deadline = time.monotonic() + role.ready_timeout
+        what = f"service {stage.name} on {attempt.slot.host}"
+        while True:
+            if attempt.finished.done():
+                state = attempt.finished.result()
+                raise _TrialFailed(f"{what} exited before it was ready (exit {state.rc}); "
+                                   f"last lines: {self._last_lines(attempt)}")
+            if await self._is_ready(attempt, role):
+                self.journal_event_ready(stage, attempt)
+                return
+            if time.monotonic() > deadline:
+                rule = (f"a line matching {role.ready_log!r}" if role.ready_log else
+                        f"port {role.ready_port} listening" if role.ready_port else
+                        f"{shlex.join(role.ready_command or ())} to succeed")
+                raise _TrialFailed(f"{what} was not ready after {role.ready_timeout:.0f}s (waiting for {rule}); "
+                                   f"last lines: {self._last_lines(attempt)}")
+            if self._stopping:
+                raise _TrialFailed("stopped while waiting for services")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(attempt.ready.wait(), 0.25)
+
+    def journal_event_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
+        if self.journal is not None:
+            self.journal.event("service-ready", attempt.task.id, stage=stage.name, host=attempt.slot.host,
+                               captured=attempt.captured)
+
+    async def _is_ready(self, attempt: _Attempt, role: ServiceRole) -> bool:
+        if role.ready_log is not None:
+            needed = set(role.capture)
+            return attempt.ready.is_set() and needed <= set(attempt.captured)
+        if role.ready_port is not None:
+            port = render(role.ready_port, self._captures())
+            script = ("p=$(printf '%04X' " + shlex.quote(port) + "); "
+                      "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=\":$p\" "
+                      "'$2 ~ p\"$\" && $4 == \"0A\" {f=1} END {exit !f}'")
+            result = await attempt.transport.run(["sh", "-c", script], timeout=10.0)
+            return result.rc == 0
+        if role.ready_command is not None:
+            result = await attempt.transport.run([render(a, self._captures()) for a in role.ready_command],
+                                                 timeout=30.0)
+            return result.rc == 0
+        return True
+
+    def _publish_captures(self, stage: StagePlan, batch: Sequence[_Attempt]) -> None:
+        """First instance that captured a value wins; the swarm's address list is narrowed to one usable peer."""
+        for attempt in batch:
+            for key, value in attempt.captured.items():
+                self._capture_values.setdefault(f"{stage.name}.{key}", value)
+        if isinstance(stage.spec, SwarmStage):
+            peers = str(self._capture_values.get(f"{stage.name}.all_peers", "")).split()
+            self._capture_values[f"{stage.name}.initial_peers"] = choose_initial_peer(peers)
+        if self.journal is not None:
+            for key, captured in self._capture_values.items():
+                if key.startswith(stage.name + "."):
+                    self.journal.event("captured", key=key, value=str(captured))
+
+    async def _cluster_checks(self, stage: StagePlan, started: Sequence[_Attempt]) -> None:
+        """Stage kinds whose readiness is more than their instances' (a Ray cluster seeing every node and GPU)."""
+        spec = stage.spec
+        if isinstance(spec, SwarmStage):
+            servers = sum(1 for a in started if a.task.service is not None and a.task.service.group == 1)
+            self._capture_values[f"{stage.name}.servers"] = servers
+        elif isinstance(spec, PipelineStage):
+            ordered = sorted(started, key=lambda a: a.task.index)
+            urls = [str(a.task.service.info.get("url", "")) for a in ordered if a.task.service is not None]
+            self._capture_values[f"{stage.name}.first_url"] = urls[0] if urls else ""
+            self._capture_values[f"{stage.name}.urls"] = ",".join(urls)
+            self._capture_values[f"{stage.name}.workers"] = len(urls)
+        elif isinstance(spec, RayStage):
+            await self._wait_ray(stage, spec, started)
+
+    async def _wait_ray(self, stage: StagePlan, spec: RayStage, started: Sequence[_Attempt]) -> None:
+        assert self.plan is not None
+        head = started[0]
+        address = str(self._capture_values.get(f"{stage.name}.address", ""))
+        hosts = [a.slot.host for a in started]
+        per_host = [spec.gpus_per_host if spec.gpus_per_host is not None
+                    else sum(1 for s in self.plan.slots if s.host == h) for h in hosts]
+        want_gpus = float(sum(per_host))
+        deadline = time.monotonic() + parse_duration(spec.timeout)
+        status = ""
+        while True:
+            result = await head.transport.run([spec.ray, "status", f"--address={address}"], timeout=60.0)
+            status = result.stdout
+            nodes, gpus = parse_ray_status(status)
+            if result.rc == 0 and nodes >= len(hosts) and gpus >= want_gpus:
+                break
+            if time.monotonic() > deadline:
+                raise _TrialFailed(f"ray cluster at {address} shows {nodes}/{len(hosts)} node(s) and "
+                                   f"{gpus:g}/{want_gpus:g} GPU(s) after {parse_duration(spec.timeout):.0f}s; "
+                                   f"check the workers' logs ({', '.join(hosts[1:]) or 'none'})")
+            for a in started:
+                if a.finished.done():
+                    raise _TrialFailed(f"ray on {a.slot.host} exited while the cluster formed; last lines: "
+                                       f"{self._last_lines(a)}")
+            await asyncio.sleep(1.0)
+        self._capture_values[f"{stage.name}.hosts"] = len(hosts)
+        self._capture_values[f"{stage.name}.gpus_per_host"] = per_host[0] if per_host else 0
+        self._capture_values[f"{stage.name}.gpus"] = int(want_gpus)
+        if self.journal is not None:
+            self.journal.event("ray-status", stage=stage.name, status=status[-4000:])
+
+    async def _watch_service(self, attempt: _Attempt) -> None:
+        """A service that dies while the trial runs fails the trial: its later stages are stopped."""
+        state = await asyncio.shield(attempt.finished)
+        if attempt.stopping or self._trial_failure is not None:
+            return
+        reason = (f"service {attempt.stage.name} on {attempt.slot.host} exited (exit {state.rc}) while the trial "
+                  f"ran; last lines: {self._last_lines(attempt)}")
+        self._abort_trial(reason)
+
+    def _abort_trial(self, reason: str) -> None:
+        """Stop the trial's running tasks (recorded as failed with the reason), and let the trial tear down."""
+        self._trial_failure = reason
+        for attempt in list(self._running.values()):
+            if attempt.task.service is None and not attempt.finished.done():
+                attempt.aborted = reason
+                asyncio.get_running_loop().create_task(attempt.transport.kill(attempt.handle, self.options.kill_grace))
+        self._signal_change()
+
+    async def _teardown(self, services: Sequence[_Attempt]) -> None:
+        """Stop services in reverse order (kill the group, then the stop command), then revert shaping."""
+        assert self.journal is not None
+        pending = list(services) + [a for a in getattr(self, "_pending_teardown", []) if a not in services]
+        self._pending_teardown = []
+        stopped_hosts: set[tuple[str, tuple[str, ...]]] = set()
+        for attempt in reversed(pending):
+            attempt.stopping = True
+            if not attempt.finished.done():
+                await attempt.transport.kill(attempt.handle, self.options.kill_grace)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(attempt.finished), self.options.kill_grace + 30)
+            role = attempt.task.service
+            if role is not None and role.stop and (attempt.slot.host, role.stop) not in stopped_hosts:
+                stopped_hosts.add((attempt.slot.host, role.stop))
+                await attempt.transport.run(list(role.stop), timeout=120.0)
+            self._running.pop(attempt.task.id, None)
+            if not attempt.log.closed:
+                attempt.log.close()
+            self.journal.end_attempt(attempt.task.id, attempt.number, "stopped", None, "torn down")
+            self.journal.set_task_state(attempt.task.id, "stopped", ended=time.time(), reason="torn down")
+        if self._shaped:
+            from remote.stages import shape  # noqa: PLC0415 (only runs that shape need tc's module)
+        for transport, applied in reversed(self._shaped):
+            try:
+                await shape.revert(transport, applied)
+                self._note("info", f"host {applied.host}: shaping on {applied.interface} reverted")
+            except (shape.ShapeError, HostError) as exc:
+                self._note("error", f"{exc}; the armed revert on the host will undo it at its deadline")
+        self._shaped = []
+
+    def _last_lines(self, attempt: _Attempt, n: int = 3) -> str:
+        """The last lines of an attempt's log copy, joined for a one-line message."""
+        try:
+            with open(self.rd.log_path(attempt.task.log_name), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return "(no output)"
+        lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+        return " | ".join(lines[-n:]) if lines else "(no output)"
+
+    async def _apply_shape(self, stage: StagePlan) -> None:
+        """tc shaping on each host as a transaction (probe, arm a revert, apply, confirm); see remote/stages/shape."""
+        from remote.stages import shape  # noqa: PLC0415
+
+        spec = stage.spec
+        assert isinstance(spec, ShapeStage) and self.journal is not None
+        run_id = self.journal.meta("run_id") or self.rd.path.name
+        request = shape.ShapeRequest(interface=spec.interface, delay=spec.delay, rate=spec.rate, limit=spec.limit,
+                                     qdisc=spec.qdisc, revert_after=parse_duration(spec.revert_after))
+        labels = []
+        for host in stage.hosts:
+            transport = self._transports[host]
+            try:
+                await shape.probe(transport, host, request, allow_control_interface=spec.allow_control_interface)
+                applied = await shape.apply(transport, host, request, run_id=run_id,
+                                            allow_control_interface=spec.allow_control_interface)
+                self._shaped.append((transport, applied))
+                await shape.confirm(transport, applied)
+            except (shape.ShapeError, HostError) as exc:
+                raise _TrialFailed(str(exc)) from None
+            labels.append(applied.description)
+            self.journal.event("shaped", host=host, interface=spec.interface, qdisc=applied.description)
+        self._capture_values[f"{stage.name}.label"] = labels[0] if labels else ""
+        self._note("info", f"stage {stage.name}: {', '.join(sorted(set(labels)))} on {', '.join(stage.hosts)}")
+
+    async def _fetch(self, stage: StagePlan) -> None:
+        """Copy files from the hosts into fetched/<trial>/<host>/ and extract the metrics that name this stage."""
+        spec = stage.spec
+        assert isinstance(spec, FetchStage) and self.journal is not None and self.plan is not None
+        folder = self.rd.path / "fetched" / (_safe_part(stage.trial) or "_")
+        for task in stage.tasks:
+            host = (task.pinned_slot or "").rsplit(":", 1)[0]
+            transport = self._transports[host]
+            slot = next((s for s in self.plan.slots if s.key == task.pinned_slot), Slot(host=host, gpu=0))
+            values = {**runtime_values(slot, attempt=1, task_id=task.id, run_dir=self.rd.path.resolve(),
+                                       python=self._python_for(host)),
+                      **self.loaded.recipe.variables, **stage.trial_values, **self._captures(),
+                      "recipe_dir": str(self.plan_recipe_dir())}
+            workdir = self.plan.hosts[host].workdir or transport.default_workdir()
+            extractor = TaskExtractor(self._metrics, stage.name, done=None, progress=None)
+            fetched: dict[str, bytes] = {}
+            for template in spec.files:
+                path = render(template, values)
+                data = await transport.read_file(path, workdir, RESULT_FILE_LIMIT)
+                if data is None:
+                    if spec.required:
+                        raise _TrialFailed(f"host {host}: stage {stage.name}: {path} does not exist (in {workdir}); "
+                                           "check that the previous stage wrote it")
+                    self._note("warning", f"host {host}: {path} does not exist; skipped")
+                    continue
+                target = folder / host / Path(path).name
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_private_bytes(target, data)
+                fetched[path] = data
+            for path_template, _what in extractor.file_metrics():
+                path = render(path_template, values)
+                data = fetched.get(path)
+                if data is None:
+                    data = await transport.read_file(path, workdir, RESULT_FILE_LIMIT)
+                if data is not None:
+                    extractor.feed_file(path_template, data)
+            with self.journal.transaction():
+                self.journal.set_metrics(task.id, dict(extractor.values))
+                self.journal.set_task_state(task.id, "done", host=host, gpu=slot.gpu, started=time.time(),
+                                            ended=time.time(), reason=f"fetched {len(fetched)} file(s)")
+            self.journal.event("fetched", task.id, host=host, files=sorted(fetched))
+        self._write_results(force=True)
+
     # -- stages -------------------------------------------------------------------------------------------------
 
     async def _run_stage(self, stage: StagePlan) -> bool:
@@ -397,7 +745,7 @@ class Engine:
                 continue
             pending.append(task)
         spec = stage.spec
-        retries = spec.retries
+        retries = getattr(spec, "retries", 0)
         halt_after = halt_threshold(spec.halt) if isinstance(spec, QueueStage) else 1
         queues = self._queues = SlotQueues([s.key for s in stage.slots], pending, retries=retries,
                                            halt_after=halt_after)
@@ -447,7 +795,7 @@ class Engine:
         adopted = [a for a in self._adopted.values() if a.stage.name == stage.name and a.slot.key == slot.key]
         for attempt in adopted:
             await self._finish_adopted(attempt, queues)
-        while not self._stopping:
+        while not self._stopping and self._trial_failure is None:
             task = queues.next_for(slot.key)
             if task is None:
                 if self._stage_idle(stage, queues):
@@ -568,7 +916,7 @@ class Engine:
                       transport: Transport, *, resume_offset: int | None) -> _Attempt:
         """Set up the local log copy and the extractor; on reattach, rebuild both from the committed offset."""
         spec = stage.spec
-        extractor = TaskExtractor(self._metrics, stage.name, done=spec.done,
+        extractor = TaskExtractor(self._metrics, stage.name, done=getattr(spec, "done", None),
                                   progress=spec.progress if isinstance(spec, QueueStage) else None)
         path = self.rd.log_path(task.log_name)
         if resume_offset is None:
@@ -596,7 +944,8 @@ class Engine:
 
     async def _await_attempt(self, attempt: _Attempt, queues: SlotQueues) -> None:
         spec = attempt.stage.spec
-        timeout = parse_duration(spec.timeout) if spec.timeout is not None else None
+        timeout_spec = getattr(spec, "timeout", None) if isinstance(spec, QueueStage | RunStage) else None
+        timeout = parse_duration(timeout_spec) if timeout_spec is not None else None
         remaining = None if timeout is None else max(0.0, timeout - (time.time() - attempt.started))
         stop_wait: asyncio.Future[object] = asyncio.ensure_future(self._stop.wait())
         finished: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(attempt.finished))
@@ -653,15 +1002,25 @@ class Engine:
                                   attempt=attempt.number, rc=rc, state="queued", reason="interrupted",
                                   duration=duration))
             return
+        if attempt.aborted is not None:
+            outcome = queues.finished(task, ok=False, retry_allowed=False)
+            with self.journal.transaction():
+                self.journal.end_attempt(task.id, attempt.number, "failed", rc, attempt.aborted)
+                self.journal.set_task_state(task.id, outcome.state, rc=rc, reason=attempt.aborted, ended=time.time())
+            self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=attempt.slot.key,
+                                  attempt=attempt.number, rc=rc, state=outcome.state, reason=attempt.aborted,
+                                  duration=duration))
+            return
+        timeout_spec = getattr(spec, "timeout", None)
         if attempt.timed_out:
-            limit = parse_duration(spec.timeout) if spec.timeout is not None else duration
+            limit = parse_duration(timeout_spec) if timeout_spec is not None else duration
             ok, reason, attempt_state = False, f"timed out after {limit:.0f}s", "timeout"
         elif proc.status == "lost":
             ok, reason, attempt_state = False, "the process vanished without an exit code (host rebooted?)", "lost"
         elif rc != 0:
             ok, reason, attempt_state = False, _exit_reason(rc), "failed"
-        elif spec.done is not None and not ex.done_seen:
-            ok, reason, attempt_state = False, f"exit 0 but no line matched done = {spec.done!r}", "failed"
+        elif (done := getattr(spec, "done", None)) is not None and not ex.done_seen:
+            ok, reason, attempt_state = False, f"exit 0 but no line matched done = {done!r}", "failed"
         else:
             ok, reason, attempt_state = True, "exit 0", "done"
         outcome = queues.finished(task, ok)
@@ -678,7 +1037,7 @@ class Engine:
                               metrics=metrics))
         if outcome.state == "queued":
             self._note("info", f"{task.label or task.stage}: {reason}; retrying "
-                               f"({queues.attempts(task.id)}/{spec.retries + 1} attempts used)")
+                               f"({queues.attempts(task.id)}/{getattr(spec, 'retries', 0) + 1} attempts used)")
         if outcome.halted_now:
             rule = spec.halt if isinstance(spec, QueueStage) else "first-failure"
             self._note("error", f"stage {task.stage}: halt rule {rule!r} reached "
@@ -745,6 +1104,13 @@ class Engine:
         assert self.journal is not None
         ex = attempt.extractor
         ex.feed_lines(lines)
+        if attempt.capture_patterns or attempt.ready_pattern is not None:
+            for line in lines:
+                for key, pattern in attempt.capture_patterns.items():
+                    if key not in attempt.captured and (m := pattern.search(line)):
+                        attempt.captured[key] = m.group(1)
+                if attempt.ready_pattern is not None and attempt.ready_pattern.search(line):
+                    attempt.ready.set()
         self._emit(LinesReceived(task_id=attempt.task.id, slot=attempt.slot.key, lines=tuple(lines)))
         if ex.progress != attempt.progress and ex.progress is not None:
             attempt.progress = ex.progress
@@ -836,8 +1202,8 @@ class Engine:
     # -- results and events -------------------------------------------------------------------------------------
 
     def _captures(self) -> Mapping[str, object]:
-        """Values captured by earlier stages (service stages fill this; queue and run stages capture nothing)."""
-        return {}
+        """Values captured by the trial's services so far ({dht.initial_peers}, {ray.address}, ...)."""
+        return self._capture_values
 
     def _write_results(self, *, force: bool) -> None:
         assert self.journal is not None and self.plan is not None
@@ -848,7 +1214,8 @@ class Engine:
         rows = results_rows(self.journal, self.plan)
         if not rows:
             return
-        axes = [a for s in self.plan.stages if isinstance(s.spec, QueueStage) for a in s.spec.grid]
+        trial_axes = [k for values in self.loaded.trials for k in values]
+        axes = [*trial_axes, *(a for s in self.plan.stages if isinstance(s.spec, QueueStage) for a in s.spec.grid)]
         columns = select_columns(self.loaded.recipe.results, list(dict.fromkeys(axes)), self._metrics.metric_names())
         csv_path, json_path = write_results(self.rd.path, rows, columns, self.loaded.recipe.results)
         self._emit(ResultsWritten(csv=csv_path, json=json_path, rows=len(rows)))
@@ -867,13 +1234,15 @@ def results_rows(journal: Journal, plan: Plan) -> list[dict[str, object]]:
     """One row per task of the queue stages (and of run stages that produced metrics)."""
     metrics = journal.metrics()
     queue_stages = {s.name for s in plan.stages if isinstance(s.spec, QueueStage)}
+    trial_of = {task.id: stage.trial for stage in plan.stages for task in stage.tasks}
     rows: list[dict[str, object]] = []
     for t in journal.tasks():
         m = metrics.get(t.id, {})
         if t.stage not in queue_stages and not m:
             continue
         row: dict[str, object] = {
-            "task": t.id, "stage": t.stage, "label": t.label, "host": t.host, "gpu": t.gpu, "state": t.state,
+            "task": t.id, "stage": t.stage, "trial": trial_of.get(t.id, ""), "label": t.label, "host": t.host,
+            "gpu": t.gpu, "state": t.state,
             "rc": t.rc, "attempts": t.attempts,
             "duration": round(t.ended - t.started, 3) if t.ended and t.started else None,
             "started": t.started, "ended": t.ended,
@@ -904,6 +1273,46 @@ def parse_gpu_samples(text: str) -> list[tuple[int, float | None, float | None, 
                 nums.append(None)
         out.append((int(parts[0]), nums[0], nums[1], nums[2]))
     return out
+
+
+def choose_initial_peer(addresses: Sequence[str]) -> str:
+    """hivemind-dht lists one multiaddr per interface: prefer one other hosts can reach (not loopback)."""
+    for addr in addresses:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            try:
+                if not ipaddress.ip_address(parts[2]).is_loopback:
+                    return addr
+            except ValueError:
+                continue
+    return addresses[0] if addresses else ""
+
+
+_RAY_RESOURCE = re.compile(r"^\s*([\d.]+)/([\d.]+)\s+GPU\b", re.MULTILINE)
+_RAY_NODE = re.compile(r"^\s*\d+\s+node_[0-9a-f]+", re.MULTILINE)
+
+
+def parse_ray_status(text: str) -> tuple[int, float]:
+    """(active nodes, total GPUs) from `ray status`: nodes under "Active:" (older Ray: "Healthy:"), and the
+    resource line " 0.0/32.0 GPU"."""
+    section = re.search(r"^(?:Active|Healthy):\s*$(.*?)^(?:Pending|Idle|Recent failures|Resources)", text,
+                        re.MULTILINE | re.DOTALL)
+    nodes = len(_RAY_NODE.findall(section.group(1))) if section else 0
+    gpu = _RAY_RESOURCE.search(text)
+    return nodes, float(gpu.group(2)) if gpu else 0.0
+
+
+def _safe_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:100]
+
+
+def write_private_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically with mode 0600 (fetched results may hold anything)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def _try_render(text: str, values: Mapping[str, object]) -> str:

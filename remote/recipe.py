@@ -189,7 +189,193 @@ class RunStage(_Strict):
         return v
 
 
-StageSpec = Annotated[QueueStage | RunStage, Field(discriminator="kind")]
+class ReadySpec(_Strict):
+    """When a service counts as ready: a log line, a listening TCP port, or a command that succeeds on its host."""
+
+    log: str | None = None
+    """Regex its output must match (Petals servers: "Started")."""
+    port: int | str | None = None
+    """TCP port that must be listening on the service's host (placeholders allowed: "{port}")."""
+    command: str | list[str] | None = None
+    """A command run on the service's host until it exits 0."""
+    timeout: float | str = "300s"
+    """How long to wait before the trial fails with what is missing."""
+
+    @field_validator("log")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except (re.error, OverflowError, RecursionError) as exc:
+                raise ValueError(f"the regex does not compile: {exc}") from None
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_form(cls, v: float | str) -> float | str:
+        parse_duration(v)
+        return v
+
+
+class ServiceStage(_Strict):
+    """A long-running command on some hosts, ready by a rule, with values captured for later stages; torn down in
+    reverse order when the trial ends (success, failure, Ctrl-C), and never left running after a crash + resume."""
+
+    kind: Literal["service"]
+    name: str | None = None
+    """Stage name (default: its kind); captured values are `{NAME.KEY}` in later stages."""
+    hosts: list[str] | None = None
+    """Hosts to start it on, one instance each (default: the first host)."""
+    command: str | list[str]
+    """The program and arguments, split like a shell would but never run by one."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment for each instance."""
+    workdir: str | None = None
+    """Working directory (default: the host's)."""
+    ready: ReadySpec | None = None
+    """Readiness rule; without one the service is ready once it has started."""
+    capture: dict[str, str] = Field(default_factory=dict)
+    """Values pulled from its output (regex, one group) for later stages: capture = { initial_peers = '--initial_peers
+    (\\S+)' } gives {NAME.initial_peers}. Taken from the first instance that prints them."""
+    stop: str | list[str] | None = None
+    """A command run on each host after the instance's process group is killed (e.g. "ray stop --force")."""
+    preflight: bool = True
+    """Check the program and working directory on each host before the campaign starts."""
+
+
+class RayStage(_Strict):
+    """A Ray cluster (Alpa seed): `ray start --head` on the head, workers joining it, ready when `ray status` shows
+    every node and GPU; `ray stop` on teardown. Exposes {NAME.address}, {NAME.hosts}, {NAME.gpus_per_host},
+    {NAME.gpus}."""
+
+    kind: Literal["ray"]
+    name: str | None = None
+    """Stage name (default "ray")."""
+    head: str | None = None
+    """Head host (default: the first of `hosts`)."""
+    hosts: list[str] | None = None
+    """Hosts in the cluster, head included (default: every host)."""
+    port: int = 6379
+    """GCS port on the head."""
+    ray: str = "ray"
+    """The ray program (a path, or a name on PATH)."""
+    gpus_per_host: int | None = None
+    """GPUs each node declares to Ray (default: the host's GPU slots)."""
+    cpus_per_host: int | None = None
+    """CPUs each node declares (default: Ray's own count)."""
+    timeout: float | str = "300s"
+    """How long the cluster may take to show every node."""
+    preflight: bool = True
+    """Check that `ray` is on PATH on every host first."""
+
+
+class SwarmStage(_Strict):
+    """A hivemind swarm (Petals seed): `hivemind-dht` on a coordinator with an identity file (stable peer id), its
+    --initial_peers address captured, servers started on other hosts with it, each ready by a log line. Exposes
+    {NAME.initial_peers} and {NAME.servers}."""
+
+    kind: Literal["swarm"]
+    name: str | None = None
+    """Stage name (default "swarm")."""
+    coordinator: str | None = None
+    """Host running the DHT (default: the first host)."""
+    dht_port: int = 31337
+    """TCP port of the DHT."""
+    dht_command: str | list[str] = "hivemind-dht --host_maddrs /ip4/0.0.0.0/tcp/{dht_port} --identity_path {identity}"
+    """How to start the DHT; {dht_port} and {identity} are filled in."""
+    identity: str = "{run_dir}/swarm-{host}.id"
+    """Identity file of the DHT peer (kept across restarts of the same run: the peer id stays the same)."""
+    servers: str | list[str] | None = None
+    """Server command per host (or per slot with `per_slot`), with {NAME.initial_peers}; none: a DHT alone."""
+    hosts: list[str] | None = None
+    """Hosts running servers (default: every host but the coordinator; all hosts if there is only one)."""
+    per_slot: bool = False
+    """One server per GPU slot instead of one per host."""
+    server_ready: str = "Started"
+    """Regex a server prints when it serves (Petals: "Started")."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment for the DHT and the servers."""
+    timeout: float | str = "300s"
+    """How long the DHT and every server may take to be ready."""
+    preflight: bool = True
+    """Check the programs on the hosts first."""
+
+
+class PipelineStage(_Strict):
+    """Pipeline workers (DeServe seed): the model's layers split into contiguous slices over workers on GPU slots,
+    ports assigned, each worker given the next one's URL (the last points back to the first), ready when their ports
+    listen. Exposes {NAME.first_url}, {NAME.urls}, {NAME.workers}."""
+
+    kind: Literal["pipeline"]
+    name: str | None = None
+    """Stage name (default "pipeline")."""
+    hosts: list[str] | None = None
+    """Hosts whose GPU slots run workers (default: every host)."""
+    workers: int | None = None
+    """Number of workers (default: one per slot)."""
+    layers: int = Field(ge=1)
+    """Transformer layers of the model (llama-3-70b: 80; llama-3-8b: 32)."""
+    base_port: int = 8080
+    """Port of the first worker on each host; the next ones count up."""
+    command: str | list[str]
+    """Worker command with {layer_begin}, {layer_end}, {port}, {url}, {next_url}, {rank}, {num_rounds}."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment for each worker."""
+    workdir: str | None = None
+    """Working directory (default: the host's)."""
+    timeout: float | str = "600s"
+    """How long the workers may take to listen."""
+    preflight: bool = True
+    """Check the worker program on the hosts first."""
+
+
+class ShapeStage(_Strict):
+    """tc network shaping (Petals seed) as a transaction: a revert armed on the host before applying, confirmed
+    over a fresh command, reverted on every exit path; refused (never mislabelled) where the kernel lacks netem."""
+
+    kind: Literal["shape"]
+    name: str | None = None
+    """Stage name (default "shape"); {NAME.label} describes what was applied."""
+    hosts: list[str] | None = None
+    """Hosts to shape (default: every host)."""
+    interface: str
+    """Network interface on those hosts (e.g. "eth0")."""
+    delay: str | None = None
+    """One-way delay ("10ms"); needs netem."""
+    rate: str | None = None
+    """Rate limit ("1gbit", "100mbit"); tbf when no delay is asked."""
+    limit: int | None = None
+    """Queue limit (packets for netem, bytes for tbf)."""
+    qdisc: Literal["auto", "netem", "tbf"] = "auto"
+    """Which qdisc: auto picks netem for a delay, tbf for a rate alone."""
+    revert_after: float | str = "6h"
+    """Deadline of the armed revert: the host unshapes itself then if benchfleet never comes back."""
+    allow_control_interface: bool = False
+    """Allow shaping the interface the SSH control connection uses (the armed revert still protects the host)."""
+    preflight: bool = True
+    """Unused for shaping (tc is probed when the stage starts); kept for symmetry."""
+
+
+class FetchStage(_Strict):
+    """Copy files the previous stages wrote on the hosts into the run directory (fetched/<trial>/<host>/), and
+    extract the metrics that name this stage from them."""
+
+    kind: Literal["fetch"]
+    name: str | None = None
+    """Stage name (default "fetch"); metrics with stage = NAME and file = ... read the fetched copies."""
+    hosts: list[str] | None = None
+    """Hosts to fetch from (default: the first host)."""
+    files: list[str] = Field(min_length=1)
+    """Paths on the host (relative to its working directory; placeholders allowed)."""
+    required: bool = True
+    """A missing file fails the trial (otherwise it is noted and skipped)."""
+    preflight: bool = True
+    """Unused for fetching; kept for symmetry."""
+
+
+StageSpec = Annotated[QueueStage | RunStage | ServiceStage | RayStage | SwarmStage | PipelineStage | ShapeStage
+                      | FetchStage, Field(discriminator="kind")]
 
 
 class ResultsSpec(_Strict):
@@ -238,6 +424,11 @@ class Recipe(_Strict):
     """The results table."""
     plot: list[PlotSpec] = Field(default_factory=list)
     """Plots over the results."""
+    matrix: dict[str, GridAxis] = Field(default_factory=dict)
+    """Trial axes: the whole stage sequence runs once per combination (e.g. the Petals seed's network setups); their
+    values are placeholders everywhere and columns in the results."""
+    trial: list[dict[str, Scalar]] = Field(default_factory=list)
+    """Explicit trials instead of (not with) a matrix: one table per trial, its keys placeholders (`name` names it)."""
     secrets: list[str] = Field(default_factory=list)
     """Names of environment variables (tokens) passed from benchfleet's own environment to every task. Their values
     never enter the recipe, the journal, a log, or a command line: they travel in each task's 0600 env file."""

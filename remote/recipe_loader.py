@@ -22,7 +22,17 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from remote.grid import GridError, compile_cost, expand_grid, parse_axis
-from remote.recipe import NAME_PATTERN, MetricSpec, QueueStage, Recipe, RunStage, Scalar, StageSpec
+from remote.recipe import (
+    NAME_PATTERN,
+    FetchStage,
+    MetricSpec,
+    QueueStage,
+    Recipe,
+    Scalar,
+    ServiceStage,
+    StageSpec,
+    SwarmStage,
+)
 from remote.results import BUILTIN_COLUMNS
 from remote.template import PLAN_BUILTINS, RUNTIME_PLACEHOLDERS, TemplateError, placeholders, split_command
 
@@ -79,6 +89,8 @@ class LoadedRecipe:
     """Effective stage names (`name`, else the kind), in order."""
     grids: dict[str, list[dict[str, Scalar]]]
     """Expanded grid per stage name; run stages have one empty point."""
+    trials: tuple[dict[str, Scalar], ...] = ({},)
+    """Trial values (matrix product or [[trial]] tables); one empty trial without a matrix."""
 
 
 def load_recipe(path: Path) -> LoadedRecipe:
@@ -127,10 +139,25 @@ def parse_recipe(text: str, path: Path) -> LoadedRecipe:
         metric_names=tuple(checker.metric_names),
         stage_names=tuple(checker.stage_names),
         grids=checker.grids,
+        trials=tuple(checker.trials),
     )
 
 
-def stage_name(stage: QueueStage | RunStage) -> str:
+STAGE_EXTRAS: dict[str, frozenset[str]] = {
+    "pipeline": frozenset({"layer_begin", "layer_end", "port", "url", "next_url", "rank", "num_rounds"}),
+    "swarm": frozenset({"dht_port", "identity"}),
+}
+"""Placeholders a stage kind adds for its own commands (a pipeline worker's slice and ring, the swarm's DHT)."""
+
+
+def trial_name(values: Mapping[str, Scalar]) -> str:
+    """A trial's label: its `name` key, or its values joined ("setup=10ms-1gbit,model=opt"); "" without a matrix."""
+    if "name" in values:
+        return str(values["name"])
+    return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+def stage_name(stage: StageSpec) -> str:
     """A stage's effective name: its `name`, else its kind."""
     return stage.name if stage.name is not None else stage.kind
 
@@ -494,6 +521,8 @@ class _Checker:
         self.grids: dict[str, list[dict[str, Scalar]]] = {}
         self.axes: list[list[str]] = [list(s.grid) if isinstance(s, QueueStage) else [] for s in recipe.stage]
         self.metric_names: list[str] = []
+        self.trial_axes: set[str] = set(recipe.matrix) | {k for t in recipe.trial for k in t}
+        self.trials: list[dict[str, Scalar]] = [{}]
 
     def problem(self, path: FieldPath, message: str) -> None:
         self.problems.append(RecipeProblem(format_path(path), message, self.locator.line_of(path)))
@@ -501,6 +530,7 @@ class _Checker:
     def run(self) -> None:
         self._coerced_values(self.recipe, self.data, ())
         self._names()
+        self._trials()
         for i, stage in enumerate(self.recipe.stage):
             self._stage(i, stage)
         self._metrics()
@@ -560,9 +590,44 @@ class _Checker:
             else:
                 first_index[name] = i
 
+    def _trials(self) -> None:
+        """The matrix (axes, cartesian product) or the explicit [[trial]] tables; their keys are placeholders."""
+        recipe = self.recipe
+        if recipe.matrix and recipe.trial:
+            self.problem(("matrix",), "give either [matrix] axes or [[trial]] tables, not both; expected one of them")
+            return
+        for name in sorted(self.trial_axes):
+            if name == "name" and recipe.trial:
+                continue
+            if not _NAME.match(name):
+                self.problem(("matrix", name), f"the name '{name}' cannot be a placeholder; expected {_NAME_RULE}")
+            elif name in recipe.variables or name in BUILTIN_PLACEHOLDERS:
+                self.problem(("matrix", name), f"trial key '{name}' has the name of a variable or a built-in; "
+                             "expected a distinct name")
+        if recipe.matrix:
+            for axis, spec in recipe.matrix.items():
+                try:
+                    parse_axis(spec)
+                except GridError as exc:
+                    self.problem(("matrix", axis), f"{exc.problem}; expected {exc.expected}")
+                    return
+            self.trials = expand_grid(recipe.matrix)
+        elif recipe.trial:
+            seen: set[str] = set()
+            keys = set(recipe.trial[0])
+            for j, trial in enumerate(recipe.trial):
+                if set(trial) != keys:
+                    self.problem(("trial", j), f"trial keys {sorted(trial)} differ from the first trial's "
+                                 f"{sorted(keys)}; expected the same keys in every trial")
+                label = trial_name(trial)
+                if label in seen:
+                    self.problem(("trial", j), f"duplicate trial '{label}'; expected distinct trials")
+                seen.add(label)
+            self.trials = [dict(t) for t in recipe.trial]
+
     # -- stages --------------------------------------------------------------------------------------------------
 
-    def _stage(self, i: int, stage: QueueStage | RunStage) -> None:
+    def _stage(self, i: int, stage: StageSpec) -> None:
         base: FieldPath = ("stage", i)
         self._stage_hosts(base, stage)
         points: list[dict[str, Scalar]] = [{}]
@@ -570,18 +635,60 @@ class _Checker:
             points = self._grid(base, stage)
             self._queue_rules(base, stage, points)
         self.grids.setdefault(self.stage_names[i], points)
-        known = self._known_placeholders(i)
-        self._command(base, stage.command, i, known)
-        for key, value in stage.env.items():
+        known = self._known_placeholders(i) | STAGE_EXTRAS.get(stage.kind, frozenset())
+        for host_field in ("head", "coordinator"):
+            host = getattr(stage, host_field, None)
+            if host is not None:
+                self._host_name((*base, host_field), host)
+        if isinstance(stage, SwarmStage):
+            self._command(base, stage.dht_command, i, known, field="dht_command")
+            self._template((*base, "identity"), stage.identity, i, known)
+            if stage.servers is not None:
+                self._command(base, stage.servers, i, known, field="servers")
+        if isinstance(stage, FetchStage):
+            for j, path in enumerate(stage.files):
+                self._template((*base, "files", j), path, i, known)
+        command = getattr(stage, "command", None)
+        if command is not None:
+            self._command(base, command, i, known)
+        for key, value in getattr(stage, "env", {}).items():
             self._template((*base, "env", key), value, i, known)
-        if stage.workdir is not None:
-            self._template((*base, "workdir"), stage.workdir, i, known)
+        workdir = getattr(stage, "workdir", None)
+        if workdir is not None:
+            self._template((*base, "workdir"), workdir, i, known)
+        if isinstance(stage, ServiceStage):
+            if stage.stop is not None:
+                self._command(base, stage.stop, i, known, field="stop")
+            for key, regex in stage.capture.items():
+                self._capture((*base, "capture", key), key, regex)
+            if stage.ready is not None:
+                rules = [r for r in (stage.ready.log, stage.ready.port, stage.ready.command) if r is not None]
+                if len(rules) != 1:
+                    self.problem((*base, "ready"), "give exactly one readiness rule; expected ready = { log = "
+                                 "'REGEX' }, { port = N } or { command = \"...\" } (with an optional timeout)")
         if isinstance(stage, QueueStage) and stage.key is not None:
             # md5 placement hashes the key when the plan is made: no runtime or captured values exist yet.
             plan_time = set(self.recipe.variables) | set(self.axes[i]) | PLAN_BUILTINS
             self._template((*base, "key"), stage.key, 0, plan_time)
 
-    def _stage_hosts(self, base: FieldPath, stage: QueueStage | RunStage) -> None:
+    def _capture(self, path: FieldPath, key: str, regex: str) -> None:
+        if not _NAME.match(key):
+            self.problem(path, f"the capture name '{key}' cannot be a placeholder; expected {_NAME_RULE}")
+            return
+        try:
+            compiled = re.compile(regex)
+        except (re.error, OverflowError, RecursionError) as exc:
+            self.problem(path, f"the regex does not compile: {exc}; expected a Python regex with one group")
+            return
+        if compiled.groups < 1:
+            self.problem(path, "the regex has no group; expected one capture group around the value")
+
+    def _host_name(self, path: FieldPath, host: str) -> None:
+        known = list(self.recipe.hosts) or ["local"]
+        if host not in known:
+            self.problem(path, f"unknown host '{host}'{_suggest(host, known)}; expected one of: {', '.join(known)}")
+
+    def _stage_hosts(self, base: FieldPath, stage: StageSpec) -> None:
         if stage.hosts is None:
             return
         known = list(self.recipe.hosts) or ["local"]
@@ -652,10 +759,11 @@ class _Checker:
             self.problem((*base, "progress"), f"the regex needs two groups; expected {_EXPECT['stage[].progress']}")
 
     def _known_placeholders(self, index: int) -> set[str]:
-        return set(self.recipe.variables) | set(self.axes[index]) | BUILTIN_PLACEHOLDERS
+        return set(self.recipe.variables) | set(self.axes[index]) | BUILTIN_PLACEHOLDERS | self.trial_axes
 
-    def _command(self, base: FieldPath, command: str | list[str], index: int, known: set[str]) -> None:
-        path = (*base, "command")
+    def _command(self, base: FieldPath, command: str | list[str], index: int, known: set[str], *,
+                 field: str = "command") -> None:
+        path = (*base, field)
         if isinstance(command, str):
             if not self._template(path, command, index, known, report_unknown=False):
                 return
@@ -789,7 +897,7 @@ class _Checker:
 
     def _results_and_plots(self) -> None:
         results = self.recipe.results
-        axes = list(dict.fromkeys(a for stage_axes in self.axes for a in stage_axes))
+        axes = list(dict.fromkeys([*sorted(self.trial_axes), *(a for stage_axes in self.axes for a in stage_axes)]))
         known = [*axes, *self.metric_names, *(c for c in BUILTIN_COLUMNS if c not in axes)]
         seen: set[str] = set()
         for j, column in enumerate(results.columns):

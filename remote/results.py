@@ -18,7 +18,9 @@ from pathlib import Path
 
 from remote.recipe import ResultsSpec
 
-BUILTIN_COLUMNS = ("task", "stage", "label", "host", "gpu", "state", "rc", "attempts", "duration", "started", "ended")
+BUILTIN_COLUMNS = (
+    "task", "stage", "trial", "label", "host", "gpu", "state", "rc", "attempts", "duration", "started", "ended",
+)
 """Columns every row can have besides grid axes and metrics."""
 
 DEFAULT_TRAILING_COLUMNS = ("stage", "state", "host", "gpu", "duration")

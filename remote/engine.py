@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -23,11 +24,12 @@ import shlex
 import signal
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from remote.aio import cancel_and_wait, within
 from remote.events import (
     EngineNote,
     Event,
@@ -228,10 +230,7 @@ class Engine:
             return await self._run()
         finally:
             for m in self._monitors:
-                m.cancel()
-            for m in self._monitors:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await m
+                await cancel_and_wait(m)
             for t in self._transports.values():
                 await t.close()
             for a in [*self._running.values(), *self._adopted.values()]:
@@ -284,10 +283,10 @@ class Engine:
         self._emit(RunStarted(run_dir=self.rd.path, recipe=self.loaded.recipe.name, resumed=self.resume,
                               slots=tuple(s.key for s in plan.slots)))
         for host in hosts:
-            self._monitors.append(asyncio.create_task(self._monitor(host), name=f"monitor-{host}"))
+            self._background(f"monitor-{host}", functools.partial(self._monitor, host))
             if hosts[host].gpus == "auto":
-                self._monitors.append(asyncio.create_task(self._sample_gpus(host), name=f"gpus-{host}"))
-        self._monitors.append(asyncio.create_task(self._serve_requests(), name="requests"))
+                self._background(f"gpus-{host}", functools.partial(self._sample_gpus, host))
+        self._background("requests", self._serve_requests)
         journal.set_meta("engine_pid", str(os.getpid()))
         journal.set_meta("paused_slots", "[]")
         journal.set_meta("queue_paused", "0")
@@ -311,6 +310,23 @@ class Engine:
                                results_csv=self.rd.results_csv if self.rd.results_csv.exists() else None)
         self._emit(finished)
         return finished
+
+    def _background(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a loop for the engine's lifetime; an unexpected error is reported and the loop restarted, because a
+        dead monitor would leave every running task waiting forever."""
+
+        async def supervised() -> None:
+            while True:
+                try:
+                    await loop()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the loop must survive anything; the error is reported
+                    self._note("error", f"internal error in {name}: {exc!r}; restarting it")
+                    await asyncio.sleep(1.0)
+
+        self._monitors.append(asyncio.create_task(supervised(), name=name))
 
     # -- preflight ---------------------------------------------------------------------------------------------
 
@@ -365,11 +381,19 @@ class Engine:
     # -- reconcile ----------------------------------------------------------------------------------------------
 
     async def _reconcile(self) -> None:
-        """Find attempts a previous engine left: adopt the running ones, collect the finished ones."""
+        """Find attempts a previous engine left: adopt running tasks, collect finished ones, stop old services.
+
+        Services are never adopted: their captured values and readiness belong to the engine that started them. A
+        trial whose services were still up restarts them (stopped first, never duplicated), and tasks of that trial
+        that were running against them are stopped too and run again; finished cells are kept.
+        """
         assert self.journal is not None and self.plan is not None
         tasks = {t.id: t for t in self.plan.all_tasks()}
-        stages = {s.name: s for s in self.plan.stages}
+        stage_of = {t.id: s for s in self.plan.stages for t in s.tasks}
         slots = {s.key: s for s in self.plan.slots}
+        run_id = self.journal.meta("run_id") or self.rd.path.name
+        await self._revert_stale_shaping(run_id)
+        restarted_trials: set[str] = set()
         for row in self.journal.open_attempts():
             task = tasks.get(row.task_id)
             transport = self._transports.get(row.host)
@@ -384,17 +408,50 @@ class Engine:
                                          "the engine stopped before the process started")
                 self.journal.set_task_state(task.id, "queued", attempts=row.attempt - 1)
                 continue
+            if task.service is not None:
+                await transport.kill(handle, self.options.kill_grace)
+                if task.service.stop:
+                    await transport.run(list(task.service.stop), timeout=120.0)
+                self.journal.end_attempt(task.id, row.attempt, "stopped", None, "stopped on resume")
+                self.journal.set_task_state(task.id, "queued", reason="restarted on resume")
+                restarted_trials.add(stage_of[task.id].trial)
+                self._note("info", f"service {task.stage} on {row.host} from the previous engine stopped; it "
+                                   "restarts with its trial")
+                continue
             slot = slots.get(f"{row.host}:{row.gpu}", Slot(host=row.host, gpu=row.gpu))
-            attempt = self._open_attempt(task, stages[task.stage], slot, row.attempt, handle, transport,
+            attempt = self._open_attempt(task, stage_of[task.id], slot, row.attempt, handle, transport,
                                          resume_offset=row.out_offset)
             self._adopted[task.id] = attempt
             self.journal.event("task-adopted", task.id, attempt=row.attempt, slot=slot.key)
             self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
                                    attempt=row.attempt, adopted=True))
+        for task_id, attempt in list(self._adopted.items()):
+            if attempt.stage.trial in restarted_trials:
+                await attempt.transport.kill(attempt.handle, self.options.kill_grace)
+                attempt.log.close()
+                del self._adopted[task_id]
+                self.journal.end_attempt(task_id, attempt.number, "interrupted", None, "its services restarted")
+                self.journal.set_task_state(task_id, "queued", reason="its services restarted",
+                                            attempts=self._counted_attempts(task_id))
         # Tasks marked running without an open attempt (a crash between two writes) go back to the queue.
         for row2 in self.journal.tasks():
             if row2.state == "running" and row2.id not in self._adopted:
                 self.journal.set_task_state(row2.id, "queued")
+
+    async def _revert_stale_shaping(self, run_id: str) -> None:
+        """Undo shaping a crashed engine left on any host (the armed guards would, but only at their deadline)."""
+        if not any(isinstance(s.spec, ShapeStage) for s in self.plan.stages) if self.plan else True:
+            return
+        from remote.stages import shape  # noqa: PLC0415
+
+        for host, transport in self._transports.items():
+            try:
+                reverted = await shape.revert_stale(transport, host, run_id)
+            except (shape.ShapeError, HostError) as exc:
+                self._note("error", f"{exc}; the armed revert on the host will undo it at its deadline")
+                continue
+            for what in reverted:
+                self._note("info", f"host {host}: reverted shaping left by the previous engine ({what})")
 
     async def _find_handle(self, row: AttemptRow, transport: Transport) -> Handle | None:
         if row.state == "running" and row.pid is not None and row.task_dir is not None:
@@ -513,7 +570,7 @@ class Engine:
             if self._stopping:
                 raise _TrialFailed("stopped while waiting for services")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(attempt.ready.wait(), 0.25)
+                await within(0.25, attempt.ready.wait())
 
     def journal_event_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
         if self.journal is not None:
@@ -625,7 +682,7 @@ class Engine:
             if not attempt.finished.done():
                 await attempt.transport.kill(attempt.handle, self.options.kill_grace)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(attempt.finished), self.options.kill_grace + 30)
+                    await within(self.options.kill_grace + 30, asyncio.shield(attempt.finished))
             role = attempt.task.service
             if role is not None and role.stop and (attempt.slot.host, role.stop) not in stopped_hosts:
                 stopped_hosts.add((attempt.slot.host, role.stop))
@@ -731,7 +788,7 @@ class Engine:
         """Run one stage to completion; True when some task failed."""
         assert self.journal is not None
         rows = {r.id: r for r in self.journal.tasks(stage.name)}
-        adopted = {tid: a for tid, a in self._adopted.items() if a.stage.name == stage.name}
+        adopted = {tid: a for tid, a in self._adopted.items() if a.stage is stage}
         pending: list[TaskPlan] = []
         done_before = 0
         for task in stage.tasks:
@@ -792,7 +849,7 @@ class Engine:
 
     async def _slot_worker(self, stage: StagePlan, slot: Slot, queues: SlotQueues) -> None:
         """One slot's FIFO: run its tasks one at a time; a failure never stops the queue."""
-        adopted = [a for a in self._adopted.values() if a.stage.name == stage.name and a.slot.key == slot.key]
+        adopted = [a for a in self._adopted.values() if a.stage is stage and a.slot.key == slot.key]
         for attempt in adopted:
             await self._finish_adopted(attempt, queues)
         while not self._stopping and self._trial_failure is None:
@@ -822,7 +879,7 @@ class Engine:
 
     def _stage_idle(self, stage: StagePlan, queues: SlotQueues) -> bool:
         """Nothing left to start (or halted) and nothing of the stage running: its workers may finish."""
-        running = any(a.stage.name == stage.name for a in (*self._running.values(), *self._adopted.values()))
+        running = any(a.stage is stage for a in (*self._running.values(), *self._adopted.values()))
         return not running and (queues.halted or not queues.pending())
 
     def _signal_change(self) -> None:
@@ -832,7 +889,7 @@ class Engine:
 
     async def _wait_change(self) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), 1.0)
+            await within(1.0, self._changed.wait())
 
     async def _finish_adopted(self, attempt: _Attempt, queues: SlotQueues) -> None:
         self._running[attempt.task.id] = attempt
@@ -893,7 +950,7 @@ class Engine:
     async def _sleep_unless_stopping(self, seconds: float) -> bool:
         """Sleep; True if a stop was requested meanwhile."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            await within(seconds, self._stop.wait())
         return self._stopping
 
     def _host_offline(self, host: str, why: str) -> None:
@@ -1081,7 +1138,7 @@ class Engine:
                     continue
             kick.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), delay)
+                await within(delay, kick.wait())
                 delay = FAST_POLL
             delay = min(self.options.poll_interval, delay * 2)
 

@@ -14,7 +14,7 @@ import json
 import re
 import tomllib
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -30,8 +30,10 @@ from remote.recipe import (
     Recipe,
     Scalar,
     ServiceStage,
+    ShapeStage,
     StageSpec,
     SwarmStage,
+    parse_duration,
 )
 from remote.results import BUILTIN_COLUMNS
 from remote.template import PLAN_BUILTINS, RUNTIME_PLACEHOLDERS, TemplateError, placeholders, split_command
@@ -645,6 +647,8 @@ class _Checker:
             self._template((*base, "identity"), stage.identity, i, known)
             if stage.servers is not None:
                 self._command(base, stage.servers, i, known, field="servers")
+        if isinstance(stage, ShapeStage):
+            self._shape_values(base, stage)
         if isinstance(stage, FetchStage):
             for j, path in enumerate(stage.files):
                 self._template((*base, "files", j), path, i, known)
@@ -670,6 +674,28 @@ class _Checker:
             # md5 placement hashes the key when the plan is made: no runtime or captured values exist yet.
             plan_time = set(self.recipe.variables) | set(self.axes[i]) | PLAN_BUILTINS
             self._template((*base, "key"), stage.key, 0, plan_time)
+
+    def _shape_values(self, base: FieldPath, stage: ShapeStage) -> None:
+        """tc values are checked here, not when a host is already half-way through a trial."""
+        from remote.stages.shape import check_interface, normalise_delay, normalise_rate  # noqa: PLC0415
+
+        checks: list[tuple[str, str | None, Callable[[str], str]]] = [
+            ("interface", stage.interface, check_interface), ("rate", stage.rate, normalise_rate),
+            ("delay", stage.delay, normalise_delay)]
+        for field_name, value, check in checks:
+            if value is None:
+                continue
+            try:
+                check(value)
+            except ValueError as exc:
+                self.problem((*base, field_name), str(exc))
+        if stage.delay is None and stage.rate is None:
+            self.problem(base, "a shape stage needs a delay or a rate; expected delay = \"10ms\" and/or "
+                         "rate = \"100mbit\"")
+        try:
+            parse_duration(stage.revert_after)
+        except ValueError as exc:
+            self.problem((*base, "revert_after"), str(exc))
 
     def _capture(self, path: FieldPath, key: str, regex: str) -> None:
         if not _NAME.match(key):

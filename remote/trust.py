@@ -7,12 +7,12 @@ person confirms.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 
 import asyncssh
 
+from remote.aio import within
 from remote.transport.base import HostError
 from remote.transport.ssh import client_options, known_hosts_files, own_known_hosts, parse_target
 
@@ -46,7 +46,7 @@ async def fetch_host_key(target: str, ssh_config: str | None = None, *, timeout:
     options = client_options(target, parsed, ssh_config, connect_timeout=timeout)
     hostname, port = str(options.host), int(options.port or 22)
     try:
-        key = await asyncio.wait_for(asyncssh.get_server_host_key(hostname, port), timeout)
+        key = await within(timeout, asyncssh.get_server_host_key(hostname, port))
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise HostError(f"{target}: cannot reach {hostname}:{port} to read its host key: {exc}") from None
     if key is None:

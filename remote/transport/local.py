@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from remote import procfs
+from remote.aio import within
 from remote.transport.base import CommandResult, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.wrapper import (
     ENV_FILE,
@@ -168,7 +169,7 @@ class LocalTransport(Transport):
         except OSError as exc:
             return CommandResult(rc=126, stdout="", stderr=str(exc))
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await within(timeout, proc.communicate())
         except TimeoutError:
             proc.kill()
             await proc.wait()

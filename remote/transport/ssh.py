@@ -28,6 +28,7 @@ from pathlib import Path
 
 import asyncssh
 
+from remote.aio import within
 from remote.transport.base import CommandResult, ConnectionLost, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.wrapper import WRAPPER_NAME, WRAPPER_SCRIPT, env_file_text, parse_rc
 
@@ -184,8 +185,8 @@ class _ControlShell:
         """Define shell functions in the control shell itself (not in a subshell); returns what it printed."""
         async with self._lock:
             self._proc.stdin.write(f"{prelude}\nprintf '\\n%s0\\n' '{self._marker.decode()}'\n".encode())
-            out = await asyncio.wait_for(self._proc.stdout.readuntil(self._marker), timeout)
-            await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            out = await within(timeout, self._proc.stdout.readuntil(self._marker))
+            await within(timeout, self._proc.stdout.readline())
             return out[: -len(self._marker) - 1]
 
     async def run(self, script: str, *, timeout: float = OP_TIMEOUT) -> tuple[int, bytes]:
@@ -193,8 +194,8 @@ class _ControlShell:
         async with self._lock:
             payload = f"( {script}\n) 2>/dev/null\nprintf '\\n%s%d\\n' '{self._marker.decode()}' \"$?\"\n"
             self._proc.stdin.write(payload.encode())
-            out = await asyncio.wait_for(self._proc.stdout.readuntil(self._marker), timeout)
-            status = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            out = await within(timeout, self._proc.stdout.readuntil(self._marker))
+            status = await within(timeout, self._proc.stdout.readline())
             body = out[: -len(self._marker) - 1]  # the marker line starts with our own newline
             return int(status.strip() or b"1"), body
 
@@ -203,11 +204,11 @@ class _ControlShell:
         async with self._lock:
             payload = f"( {script}\n) 2>/dev/null\nprintf '%s%d\\n' '{self._marker.decode()}' \"$?\"\n"
             self._proc.stdin.write(payload.encode())
-            header = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            header = await within(timeout, self._proc.stdout.readline())
             n = int(header.strip() or b"-1")
-            data = await asyncio.wait_for(self._proc.stdout.readexactly(n), timeout) if n > 0 else b""
-            await asyncio.wait_for(self._proc.stdout.readuntil(self._marker), timeout)
-            await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            data = await within(timeout, self._proc.stdout.readexactly(n)) if n > 0 else b""
+            await within(timeout, self._proc.stdout.readuntil(self._marker))
+            await within(timeout, self._proc.stdout.readline())
             return None if n < 0 else data
 
     def close(self) -> None:
@@ -279,7 +280,7 @@ class SSHTransport(Transport):
         interval, count = self._keepalive
         options = client_options(self.host, self.target, self._ssh_config, keepalive_interval=interval,
                                  keepalive_count_max=count, connect_timeout=self._connect_timeout)
-        conn = await asyncio.wait_for(asyncssh.connect(options=options), self._connect_timeout + 5)
+        conn = await within(self._connect_timeout + 5, asyncssh.connect(options=options))
         try:
             proc = await conn.create_process("exec sh", encoding=None, stderr=asyncssh.DEVNULL)
             ctl = _ControlShell(proc)
@@ -413,7 +414,7 @@ class SSHTransport(Transport):
         async with self._channels:
             for attempt in range(6):
                 try:
-                    result = await asyncio.wait_for(conn.run(shlex.join(argv), check=False), timeout)
+                    result = await within(timeout, conn.run(shlex.join(argv), check=False))
                     break
                 except asyncssh.ChannelOpenError:
                     # sshd's MaxSessions reached: back-pressure, wait and retry.

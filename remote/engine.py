@@ -205,6 +205,7 @@ class Engine:
         self._changed = asyncio.Event()
         self._stage: StagePlan | None = None
         self._paused_slots: set[str] = set()
+        self._busy: set[str] = set()
         self._capture_values: dict[str, object] = {}
         self._trial_failure: str | None = None
         self._failed_trials: list[str] = []
@@ -600,7 +601,8 @@ class Engine:
             for key, value in attempt.captured.items():
                 self._capture_values.setdefault(f"{stage.name}.{key}", value)
         if isinstance(stage.spec, SwarmStage):
-            peers = str(self._capture_values.get(f"{stage.name}.all_peers", "")).split()
+            peers = [*str(self._capture_values.get(f"{stage.name}.all_peers", "")).split(),
+                     *str(self._capture_values.get(f"{stage.name}.visible_peers", "")).split()]
             self._capture_values[f"{stage.name}.initial_peers"] = choose_initial_peer(peers)
         if self.journal is not None:
             for key, captured in self._capture_values.items():
@@ -678,9 +680,12 @@ class Engine:
         self._pending_teardown = []
         stopped_hosts: set[tuple[str, tuple[str, ...]]] = set()
         for attempt in reversed(pending):
+            died = attempt.finished.done() and not attempt.stopping
             attempt.stopping = True
+            # Kill the group even when its leader already exited (a service that died): its children may live on
+            # (hivemind-dht's p2pd); killing an empty group does nothing.
+            await attempt.transport.kill(attempt.handle, self.options.kill_grace)
             if not attempt.finished.done():
-                await attempt.transport.kill(attempt.handle, self.options.kill_grace)
                 with contextlib.suppress(TimeoutError):
                     await within(self.options.kill_grace + 30, asyncio.shield(attempt.finished))
             role = attempt.task.service
@@ -690,6 +695,12 @@ class Engine:
             self._running.pop(attempt.task.id, None)
             if not attempt.log.closed:
                 attempt.log.close()
+            if died:  # it ended by itself: the console and results show a failed service, not a stopped one
+                rc = attempt.finished.result().rc
+                reason = f"the service exited ({_exit_reason(rc)}) while its trial ran"
+                self.journal.end_attempt(attempt.task.id, attempt.number, "failed", rc, reason)
+                self.journal.set_task_state(attempt.task.id, "failed", rc=rc, ended=time.time(), reason=reason)
+                continue
             self.journal.end_attempt(attempt.task.id, attempt.number, "stopped", None, "torn down")
             self.journal.set_task_state(attempt.task.id, "stopped", ended=time.time(), reason="torn down")
         if self._shaped:
@@ -859,28 +870,37 @@ class Engine:
                     return
                 await self._wait_change()  # paused, or waiting for retries other slots may produce
                 continue
-            queues.started(task)
-            assert self.journal is not None
-            number = self.journal.next_attempt(task.id)
+            # Busy from the moment the task leaves its queue: while it launches it is neither waiting nor running,
+            # and a worker looking then must not conclude the stage is over.
+            self._busy.add(slot.key)
             try:
-                launched = await self._launch(stage, task, slot, number)
-            except HostError as exc:
-                self._note("error", str(exc))
-                assert self.journal is not None
-                self.journal.end_attempt(task.id, number, "failed", None, str(exc))
-                outcome = queues.finished(task, ok=False)
-                self.journal.set_task_state(task.id, outcome.state, reason=str(exc), ended=time.time())
-                self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
-                                      attempt=number, rc=None, state=outcome.state, reason=str(exc), duration=0.0))
-                continue
-            if launched is None:
-                return  # stopping while the host was unreachable; the journal knows the launch may be pending
-            await self._await_attempt(launched, queues)
+                await self._run_one(stage, task, slot, queues)
+            finally:
+                self._busy.discard(slot.key)
+                self._signal_change()
+
+    async def _run_one(self, stage: StagePlan, task: TaskPlan, slot: Slot, queues: SlotQueues) -> None:
+        queues.started(task)
+        assert self.journal is not None
+        number = self.journal.next_attempt(task.id)
+        try:
+            launched = await self._launch(stage, task, slot, number)
+        except HostError as exc:
+            self._note("error", str(exc))
+            self.journal.end_attempt(task.id, number, "failed", None, str(exc))
+            outcome = queues.finished(task, ok=False)
+            self.journal.set_task_state(task.id, outcome.state, reason=str(exc), ended=time.time())
+            self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
+                                  attempt=number, rc=None, state=outcome.state, reason=str(exc), duration=0.0))
+            return
+        if launched is None:
+            return  # stopping while the host was unreachable; the journal knows the launch may be pending
+        await self._await_attempt(launched, queues)
 
     def _stage_idle(self, stage: StagePlan, queues: SlotQueues) -> bool:
-        """Nothing left to start (or halted) and nothing of the stage running: its workers may finish."""
+        """Nothing left to start (or halted), no slot busy with one of its tasks: its workers may finish."""
         running = any(a.stage is stage for a in (*self._running.values(), *self._adopted.values()))
-        return not running and (queues.halted or not queues.pending())
+        return not running and not self._busy and (queues.halted or not queues.pending())
 
     def _signal_change(self) -> None:
         """Wake slot workers waiting for work (a task ended, a retry was queued, a slot resumed, a stop)."""

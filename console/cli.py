@@ -1,4 +1,5 @@
-"""The `benchfleet` command: headless runs, `check`, `testbed`, and (later) the console.
+"""The `benchfleet` command: the console (`benchfleet RECIPE`, `benchfleet`, `attach RUN_DIR`), headless runs,
+`check`, `trust` and `testbed`.
 
 Exit status: 0 every task succeeded; 1 some task failed or a halt rule stopped the run; 2 the recipe (or the command
 line) is wrong; 3 the run could not start or go on (a host, the run directory); 130 interrupted (Ctrl-C), resumable
@@ -30,7 +31,7 @@ from remote.transport.base import HostError
 
 EXIT_OK, EXIT_FAILED, EXIT_RECIPE, EXIT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-SUBCOMMANDS = ("check", "testbed")
+SUBCOMMANDS = ("check", "testbed", "trust", "attach")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_testbed(args[1:])
         if args and args[0] == "trust":
             return cmd_trust(args[1:])
+        if args and args[0] == "attach":
+            return cmd_attach(args[1:])
+        if not args and _on_terminal():
+            return _console_picker()
         return cmd_run(args)
     except KeyboardInterrupt:
         print("benchfleet: interrupted", file=sys.stderr)
@@ -64,10 +69,11 @@ def _fail(message: str, code: int) -> int:
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchfleet",
-        description="Run a benchmark campaign described by a recipe. Subcommands: check RECIPE, "
-        "trust HOST, testbed up|down.",
+        description="Run a benchmark campaign described by a recipe: `benchfleet RECIPE` opens the console "
+        "on it, `benchfleet` alone lists the recipes and runs to pick from. Subcommands: attach RUN_DIR, "
+        "check RECIPE, trust HOST, testbed up|down.",
     )
-    p.add_argument("recipe_pos", nargs="?", metavar="RECIPE", help="open the console on RECIPE (not yet available)")
+    p.add_argument("recipe_pos", nargs="?", metavar="RECIPE", help="run RECIPE with the console open on it")
     p.add_argument("--recipe", type=Path, help="run RECIPE headless (no console)")
     p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir: finished tasks are kept, "
@@ -86,8 +92,7 @@ def cmd_run(args: list[str]) -> int:
     if ns.recipe_pos is not None:
         if recipe_path is not None:
             return _fail("give the recipe once: either RECIPE (console) or --recipe RECIPE (headless)", EXIT_RECIPE)
-        return _fail(f"the console is not available in this version; run headless with "
-                     f"`benchfleet --recipe {ns.recipe_pos}`", EXIT_RECIPE)
+        return _console_run(Path(ns.recipe_pos), ns)
     if ns.resume and ns.run_dir is None:
         return _fail("--resume needs --run-dir DIR (the run to continue)", EXIT_RECIPE)
     if recipe_path is None:
@@ -192,6 +197,81 @@ def print_summary(engine: Engine, counts: dict[str, int], results_csv: Path | No
     if results_csv is not None:
         print(f"\nresults: {results_csv}")
     print(f"run directory: {engine.rd.path}")
+
+
+# -- console -------------------------------------------------------------------------------------------------
+
+
+def _on_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _console_run(recipe: Path, ns: argparse.Namespace) -> int:
+    """`benchfleet RECIPE`: start the run and open the console on it (with --detach: start it in the
+    background and attach, so quitting the console leaves it running)."""
+    if not _on_terminal():
+        return _fail(f"the console needs a terminal; run headless with `benchfleet --recipe {recipe}`",
+                     EXIT_RECIPE)
+    if ns.resume and ns.run_dir is None:
+        return _fail("--resume needs --run-dir DIR (the run to continue)", EXIT_RECIPE)
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as exc:
+        return _fail(str(exc), EXIT_RECIPE)
+    try:
+        # Absolute: tasks run in their own working directory, and their files must still land in the run.
+        rd = prepare((ns.run_dir or default_run_dir(loaded.recipe.name)).resolve(), resume=ns.resume)
+    except RunDirError as exc:
+        return _fail(str(exc), EXIT_RUN)
+    from console.app import BenchfleetApp  # noqa: PLC0415 (textual loads only for the console)
+
+    if ns.detach:
+        code = _detach(loaded, rd, ns)
+        return code if code != EXIT_OK else BenchfleetApp(rd.path).run() or EXIT_OK
+    engine = Engine(loaded, rd, resume=ns.resume, options=EngineOptions(retry_failed=ns.retry_failed))
+    app = BenchfleetApp(rd.path, engine=engine)
+    result = app.run()
+    if app.engine_error is not None:
+        return _fail(app.engine_error, EXIT_RUN)
+    if app.engine_result is not None:
+        print_summary(engine, app.engine_result.counts, app.engine_result.results_csv)
+        if app.engine_result.interrupted:
+            print(f"interrupted; continue with: benchfleet {loaded.path} --run-dir {rd.path} --resume")
+    return result if result is not None else EXIT_OK
+
+
+def cmd_attach(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="benchfleet attach",
+                                description="Open the console on a run directory: a run started with "
+                                "--detach, or a finished one. Quitting never stops the run.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ns = p.parse_args(args)
+    run_dir: Path = ns.run_dir
+    if not (run_dir / "journal.sqlite").is_file():
+        return _fail(f"{run_dir}: no journal.sqlite here; expected a run directory "
+                     "(runs/<recipe>-<timestamp>)", EXIT_RECIPE)
+    if not _on_terminal():
+        return _fail(f"the console needs a terminal; the run's results are in {run_dir / 'results.csv'}",
+                     EXIT_RECIPE)
+    from console.app import BenchfleetApp  # noqa: PLC0415 (textual loads only for the console)
+
+    code = BenchfleetApp(run_dir).run()
+    return code if code is not None else EXIT_OK
+
+
+def _console_picker() -> int:
+    """`benchfleet` alone: pick a recipe in ./recipes to run, or a run in ./runs to open."""
+    from console.app import BenchfleetApp  # noqa: PLC0415 (textual loads only for the console)
+
+    app = BenchfleetApp(None)
+    code = app.run()
+    if app.engine is not None and app.engine_result is not None:
+        print_summary(app.engine, app.engine_result.counts, app.engine_result.results_csv)
+        if app.engine_result.interrupted:
+            print(f"interrupted; continue with: {app.resume_command()}")
+    if app.engine_error is not None:
+        return _fail(app.engine_error, EXIT_RUN)
+    return code if code is not None else EXIT_OK
 
 
 # -- check ------------------------------------------------------------------------------------------------------

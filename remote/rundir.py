@@ -70,7 +70,12 @@ def default_run_dir(recipe_name: str, base: Path = Path("runs")) -> Path:
 
 
 def prepare(path: Path, *, resume: bool) -> RunDir:
-    """Create (or, with resume, reopen) a run directory; refuses to mix two runs in one folder."""
+    """Create (or, with resume, reopen) a run directory; refuses to mix two runs in one folder.
+
+    The path is made absolute: tasks run in their own working directories, and the wrapper writes into the run
+    directory from there.
+    """
+    path = path.absolute()
     rd = RunDir(path)
     has_journal = rd.journal.exists()
     if resume and not has_journal:

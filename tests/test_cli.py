@@ -181,3 +181,29 @@ def test_check_prints_plan_with_slots(write_recipe: Writer) -> None:
     assert "4 task(s) over 4 slot(s)" in result.stdout
     for slot in ("a:0", "a:1", "b:0", "b:1"):
         assert slot in result.stdout
+
+
+def test_relative_run_dir_with_tasks_in_another_working_directory(write_recipe: Writer, tmp_path: Path) -> None:
+    """The README's main job: `runs/...` is relative to the caller, the tasks run in the recipe's folder."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    recipe = write_recipe(f"""
+        name = "rel"
+        [hosts.here]
+        gpus = 2
+        workdir = "{work}"
+        [[stage]]
+        kind = "queue"
+        grid = {{ i = "1..4" }}
+        command = "sh -c 'pwd; echo i={{i}}'"
+        [metrics]
+        i_seen = {{ regex = 'i=(\\d+)', type = "int" }}
+    """)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    result = cli("--recipe", str(recipe), "--run-dir", "runs/rel", cwd=caller)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((caller / "runs" / "rel" / "results.json").read_text())
+    assert sorted(r["i_seen"] for r in rows) == [1, 2, 3, 4]
+    for log in (caller / "runs" / "rel" / "logs").iterdir():
+        assert log.read_text().splitlines()[0] == str(work)

@@ -161,7 +161,7 @@ async def _run_headless(loaded: LoadedRecipe, rd: RunDir, *, resume: bool, optio
     ticker = asyncio.create_task(printer.ticker())
     try:
         finished = await engine.run()
-    except EngineError as exc:
+    except (EngineError, RunDirError) as exc:
         return _fail(str(exc), EXIT_RUN)
     finally:
         ticker.cancel()

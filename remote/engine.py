@@ -273,7 +273,8 @@ class Engine:
             self._transports[host] = transport
             if isinstance(transport, LocalTransport):
                 transport.on_exit = self._kicks.setdefault(host, asyncio.Event()).set
-        plan = self.plan = build_plan(self.loaded, slots_by_host)
+        addresses = {h: str(getattr(t, "address", "127.0.0.1")) for h, t in self._transports.items()}
+        plan = self.plan = build_plan(self.loaded, slots_by_host, addresses)
         with journal.transaction():
             for task in plan.all_tasks():
                 journal.upsert_task(task_id=task.id, stage=task.stage, idx=task.index, label=task.label,
@@ -447,7 +448,7 @@ class Engine:
 
         for host, transport in self._transports.items():
             try:
-                reverted = await shape.revert_stale(transport, host, run_id)
+                reverted = await shape.revert_stale(transport, host, shape_state_id(run_id, host))
             except (shape.ShapeError, HostError) as exc:
                 self._note("error", f"{exc}; the armed revert on the host will undo it at its deadline")
                 continue
@@ -679,9 +680,11 @@ class Engine:
         pending = list(services) + [a for a in getattr(self, "_pending_teardown", []) if a not in services]
         self._pending_teardown = []
         stopped_hosts: set[tuple[str, tuple[str, ...]]] = set()
-        for attempt in reversed(pending):
-            died = attempt.finished.done() and not attempt.stopping
+        # Those that ended before the teardown died; one stop may end the others (`ray stop` ends all of Ray).
+        died = {id(a) for a in pending if a.finished.done() and not a.stopping}
+        for attempt in pending:
             attempt.stopping = True
+        for attempt in reversed(pending):
             # Kill the group even when its leader already exited (a service that died): its children may live on
             # (hivemind-dht's p2pd); killing an empty group does nothing.
             await attempt.transport.kill(attempt.handle, self.options.kill_grace)
@@ -695,7 +698,7 @@ class Engine:
             self._running.pop(attempt.task.id, None)
             if not attempt.log.closed:
                 attempt.log.close()
-            if died:  # it ended by itself: the console and results show a failed service, not a stopped one
+            if id(attempt) in died:  # the console and results show a failed service, not a stopped one
                 rc = attempt.finished.result().rc
                 reason = f"the service exited ({_exit_reason(rc)}) while its trial ran"
                 self.journal.end_attempt(attempt.task.id, attempt.number, "failed", rc, reason)
@@ -739,7 +742,7 @@ class Engine:
             transport = self._transports[host]
             try:
                 await shape.probe(transport, host, request, allow_control_interface=spec.allow_control_interface)
-                applied = await shape.apply(transport, host, request, run_id=run_id,
+                applied = await shape.apply(transport, host, request, run_id=shape_state_id(run_id, host),
                                             allow_control_interface=spec.allow_control_interface)
                 self._shaped.append((transport, applied))
                 await shape.confirm(transport, applied)
@@ -1377,6 +1380,11 @@ def parse_ray_status(text: str) -> tuple[int, float]:
     nodes = len(_RAY_NODE.findall(section.group(1))) if section else 0
     gpu = _RAY_RESOURCE.search(text)
     return nodes, float(gpu.group(2)) if gpu else 0.0
+
+
+def shape_state_id(run_id: str, host: str) -> str:
+    """Per host: hosts may share a home directory (NFS, the testbed), and each host's shaping state is its own."""
+    return f"{run_id}.{host}"
 
 
 def _safe_part(text: str) -> str:

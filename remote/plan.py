@@ -299,6 +299,9 @@ def _ray_tasks(spec: RayStage, ctx: _Ctx, stage_hosts: Sequence[str]) -> list[Ta
 
 INITIAL_PEERS = r"--initial_peers\s+(.+?)\s*$"
 """hivemind-dht: `Running a DHT instance. To connect other peers to this one, use --initial_peers ADDR [ADDR...]`."""
+VISIBLE_PEERS = r"Full list of visible multiaddresses:\s+(.+?)\s*$"
+"""hivemind-dht's next line: every address it listens on. The line above names one IP only, and on hosts
+without a global address that is 127.0.0.1, which other hosts cannot use: the engine picks one from both."""
 
 
 def _swarm_tasks(spec: SwarmStage, ctx: _Ctx, server_hosts: Sequence[str]) -> list[TaskPlan]:
@@ -311,7 +314,7 @@ def _swarm_tasks(spec: SwarmStage, ctx: _Ctx, server_hosts: Sequence[str]) -> li
         dht_command = [a.replace("{identity}", spec.identity) for a in spec.dht_command]
     dht = _one(ctx, 0, coordinator, dht_command, spec.env, None, extra={"dht_port": spec.dht_port},
                role=ServiceRole(group=0, ready_log=INITIAL_PEERS, ready_timeout=timeout,
-                                capture={"all_peers": INITIAL_PEERS}))
+                                capture={"all_peers": INITIAL_PEERS, "visible_peers": VISIBLE_PEERS}))
     tasks = [dht]
     if spec.servers is None:
         return tasks

@@ -284,8 +284,9 @@ class SwarmStage(_Strict):
     """TCP port of the DHT."""
     dht_command: str | list[str] = "hivemind-dht --host_maddrs /ip4/0.0.0.0/tcp/{dht_port} --identity_path {identity}"
     """How to start the DHT; {dht_port} and {identity} are filled in."""
-    identity: str = "{run_dir}/swarm-{host}.id"
-    """Identity file of the DHT peer (kept across restarts of the same run: the peer id stays the same)."""
+    identity: str = "benchfleet-swarm-{dht_port}.id"
+    """Identity file of the DHT peer on the coordinator (relative to its working directory): the peer id stays the
+    same across restarts and runs."""
     servers: str | list[str] | None = None
     """Server command per host (or per slot with `per_slot`), with {NAME.initial_peers}; none: a DHT alone."""
     hosts: list[str] | None = None

@@ -646,7 +646,8 @@ class _Checker:
             self._command(base, stage.dht_command, i, known, field="dht_command")
             self._template((*base, "identity"), stage.identity, i, known)
             if stage.servers is not None:
-                self._command(base, stage.servers, i, known, field="servers")
+                # Servers use the swarm's own DHT address: this stage's name counts as "earlier" for them.
+                self._command(base, stage.servers, i + 1, known, field="servers")
         if isinstance(stage, ShapeStage):
             self._shape_values(base, stage)
         if isinstance(stage, FetchStage):

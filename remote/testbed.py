@@ -528,6 +528,9 @@ def _build_network(state: dict[str, Any], forced: bool) -> bool:
         _ip("-n", netns, "addr", "add", f"{host['address']}/24", "dev", INTERFACE)
         _ip("-n", netns, "link", "set", INTERFACE, "up")
         _ip("-n", netns, "link", "set", "lo", "up")
+        # A default route through the bridge, as a real host has: programs that pick "their" address from the
+        # routing table (Ray, hivemind) then announce the namespace's address rather than 127.0.0.1.
+        _ip("-n", netns, "route", "add", "default", "via", str(root_address).split("/")[0])
     return True
 
 

@@ -245,6 +245,8 @@ class SSHTransport(Transport):
         self._run_id = ""
         self.connected_since: float | None = None
         self.reconnects = 0
+        self.address = self.target.host
+        """How other hosts reach this one: the HostName ssh_config resolves the alias to (pipeline URLs)."""
 
     @property
     def keepalive_bound(self) -> float:
@@ -281,6 +283,7 @@ class SSHTransport(Transport):
         options = client_options(self.host, self.target, self._ssh_config, keepalive_interval=interval,
                                  keepalive_count_max=count, connect_timeout=self._connect_timeout)
         conn = await within(self._connect_timeout + 5, asyncssh.connect(options=options))
+        self.address = str(options.host)
         try:
             proc = await conn.create_process("exec sh", encoding=None, stderr=asyncssh.DEVNULL)
             ctl = _ControlShell(proc)

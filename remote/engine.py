@@ -45,7 +45,16 @@ from remote.events import (
 )
 from remote.extract import LineSplitter, MetricSet, TaskExtractor
 from remote.journal import AttemptRow, Journal
-from remote.plan import Plan, ServiceRole, StagePlan, TaskPlan, build_plan, effective_hosts, runtime_values
+from remote.plan import (
+    Plan,
+    ServiceRole,
+    StagePlan,
+    TaskPlan,
+    build_plan,
+    effective_hosts,
+    ray_cluster_of,
+    runtime_values,
+)
 from remote.recipe import (
     FetchStage,
     HostSpec,
@@ -58,7 +67,7 @@ from remote.recipe import (
     halt_threshold,
     parse_duration,
 )
-from remote.recipe_loader import LoadedRecipe
+from remote.recipe_loader import LoadedRecipe, stage_name
 from remote.results import select_columns, write_results
 from remote.rundir import EngineLock, RunDir, write_private
 from remote.scheduler import SlotQueues
@@ -206,6 +215,7 @@ class Engine:
         self._stage: StagePlan | None = None
         self._paused_slots: set[str] = set()
         self._busy: set[str] = set()
+        self._ray_scripts: dict[str, str] = {}
         self._capture_values: dict[str, object] = {}
         self._trial_failure: str | None = None
         self._failed_trials: list[str] = []
@@ -930,6 +940,9 @@ class Engine:
         argv = [render(a, values) for a in task.argv]
         env = {k: render(v, values) for k, v in task.env.items()}
         isolate = stage.spec.isolate_gpu if isinstance(stage.spec, QueueStage) else False
+        if isinstance(stage.spec, QueueStage) and stage.spec.executor == "ray":
+            argv = await self._through_ray(stage, stage.spec, slot, argv, env)
+            isolate = False  # Ray sets CUDA_VISIBLE_DEVICES on the node it picks
         if isolate:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         env.update({"BENCHFLEET_TASK_ID": task.id, "BENCHFLEET_ATTEMPT": str(number), "BENCHFLEET_SLOT": slot.key})
@@ -947,6 +960,25 @@ class Engine:
         self._kicks.setdefault(slot.host, asyncio.Event()).set()
         self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key, attempt=number))
         return attempt
+
+    async def _through_ray(self, stage: StagePlan, spec: QueueStage, slot: Slot, argv: list[str],
+                           env: Mapping[str, str]) -> list[str]:
+        """Wrap a task's argv so it runs as a Ray task on the cluster of an earlier ray stage (see ray_task.py)."""
+        assert self.plan is not None
+        position = next(i for i, s in enumerate(self.loaded.recipe.stage) if s is spec)
+        names = [stage_name(s) for s in self.loaded.recipe.stage]
+        cluster, _ = ray_cluster_of(spec, self.loaded.recipe.stage[:position], names[:position])
+        address = self._capture_values.get(f"{cluster}.address")
+        if address is None:
+            raise HostError(f"stage {stage.name}: the ray cluster of stage {cluster} is not running in this trial")
+        script = self._ray_scripts.get(slot.host)
+        if script is None:
+            text = (Path(__file__).parent / "ray_task.py").read_text()
+            script = self._ray_scripts[slot.host] = await self._transports[slot.host].put_file("bf-ray-task.py", text)
+        python = self._python_for(slot.host)
+        keys = ",".join(sorted({*env, *self._secrets(), "BENCHFLEET_TASK_ID", "BENCHFLEET_ATTEMPT"}))
+        return [python, script, "--address", str(address), "--num-gpus", f"{spec.gpus_per_task:g}", "--env-keys",
+                keys, "--", *argv]
 
     async def _launch_idempotent(self, transport: Transport, spec: LaunchSpec) -> Handle | None:
         """Launch, riding out a lost connection: after a reconnect, look for the attempt before launching again,

@@ -134,6 +134,27 @@ def effective_hosts(loaded: LoadedRecipe) -> dict[str, HostSpec]:
     return {LOCAL_HOST: HostSpec.model_validate({"gpus": gpus})}
 
 
+def ray_cluster_of(spec: QueueStage, earlier: Sequence[StageSpec], names: Sequence[str]) -> tuple[str, RayStage]:
+    """The ray stage a queue stage with executor = "ray" submits to (named, or the last one before it)."""
+    for name, stage in reversed(list(zip(names, earlier, strict=True))):
+        if isinstance(stage, RayStage) and (spec.cluster is None or spec.cluster == name):
+            return name, stage
+    raise ValueError("no ray stage before this one")  # the loader refuses such recipes
+
+
+def ray_slots(spec: QueueStage, earlier: Sequence[StageSpec], names: Sequence[str], hosts: Sequence[str],
+              slots_by_host: Mapping[str, Sequence[Slot]]) -> tuple[Slot, ...]:
+    """Dispatch slots for Ray-executed tasks: as many as the cluster's GPUs hold tasks at once, all driven from the
+    head (the GPU index is only a counter: Ray picks the real node and GPU)."""
+    _, ray = ray_cluster_of(spec, earlier, names)
+    members = ray.hosts or list(hosts)
+    head = ray.head or members[0]
+    gpus = sum(ray.gpus_per_host if ray.gpus_per_host is not None else len(slots_by_host.get(h, ()))
+               for h in members)
+    count = max(1, int(gpus // spec.gpus_per_task))
+    return tuple(Slot(host=head, gpu=i, name="ray") for i in range(count))
+
+
 def default_hosts(spec: StageSpec, hosts: Sequence[str]) -> list[str]:
     """A stage's hosts when it names none: every host for queue/ray/pipeline/shape, the first one otherwise."""
     if spec.hosts:
@@ -169,6 +190,9 @@ def build_plan(loaded: LoadedRecipe, slots_by_host: Mapping[str, Sequence[Slot]]
             keep = set(RUNTIME_PLACEHOLDERS) | set(names[: position + 1])
             stage_hosts = default_hosts(spec, list(hosts))
             slots = tuple(s for h in stage_hosts for s in slots_by_host.get(h, ()))
+            if isinstance(spec, QueueStage) and spec.executor == "ray":
+                slots = ray_slots(spec, recipe.stage[:position], names[:position], list(hosts), slots_by_host)
+                stage_hosts = [slots[0].host]
             ctx = _Ctx(name=name, base=base, keep=keep, trial_values=trial_values, slots_by_host=slots_by_host,
                        addresses=addresses or {})
             tasks = _tasks_for(spec, ctx, stage_hosts, loaded.grids.get(name, [{}]), slots)

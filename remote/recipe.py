@@ -132,6 +132,13 @@ class QueueStage(_Strict):
     preflight: bool = True
     """Before the campaign starts, check on each host that the program and working directory exist. Turn off
     for a program an earlier stage creates."""
+    executor: Literal["slots", "ray"] = "slots"
+    """slots: benchfleet's own per-GPU queues. ray: each task becomes a Ray task needing `gpus_per_task` GPUs on the
+    cluster of an earlier ray stage (Ray picks node and GPU; output streams back into the task's log)."""
+    cluster: str | None = None
+    """With executor = "ray": the ray stage whose cluster runs the tasks (default: the last one before this)."""
+    gpus_per_task: float = Field(default=1.0, gt=0)
+    """With executor = "ray": GPUs each task asks Ray for (fractions share a GPU)."""
 
     @field_validator("halt")
     @classmethod

@@ -636,6 +636,7 @@ class _Checker:
         if isinstance(stage, QueueStage):
             points = self._grid(base, stage)
             self._queue_rules(base, stage, points)
+            self._ray_executor(i, base, stage)
         self.grids.setdefault(self.stage_names[i], points)
         known = self._known_placeholders(i) | STAGE_EXTRAS.get(stage.kind, frozenset())
         for host_field in ("head", "coordinator"):
@@ -761,6 +762,26 @@ class _Checker:
         except GridError as exc:
             self.problem((*base, "grid"), f"{exc.problem}; expected {exc.expected}")
             return [{}]
+
+    def _ray_executor(self, i: int, base: FieldPath, stage: QueueStage) -> None:
+        """executor = "ray" needs a Ray cluster started by an earlier stage, and lets Ray place the tasks."""
+        earlier = [(self.stage_names[j], s) for j, s in enumerate(self.recipe.stage[:i]) if s.kind == "ray"]
+        if stage.executor != "ray":
+            if stage.cluster is not None:
+                self.problem((*base, "cluster"), 'cluster is only used with executor = "ray"; expected no cluster, '
+                             'or executor = "ray"')
+            return
+        if not earlier:
+            self.problem((*base, "executor"), 'executor = "ray" needs a kind = "ray" stage before this one; '
+                         "expected a ray stage earlier in the recipe")
+            return
+        names = [n for n, _ in earlier]
+        if stage.cluster is not None and stage.cluster not in names:
+            self.problem((*base, "cluster"), f"'{stage.cluster}' is not a ray stage before this one; expected one "
+                         f"of: {', '.join(names)}")
+        if stage.placement != "free-slot":
+            self.problem((*base, "placement"), f'placement = "{stage.placement}" means nothing when Ray places the '
+                         'tasks; expected placement = "free-slot" (the default) with executor = "ray"')
 
     def _queue_rules(self, base: FieldPath, stage: QueueStage, points: list[dict[str, Scalar]]) -> None:
         if stage.cost is not None:

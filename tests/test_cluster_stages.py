@@ -4,6 +4,7 @@ outlive a test."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -176,7 +177,19 @@ kind = "run"
 name = "driver"
 hosts = ["tb1"]
 command = ["python3", "-c", {json.dumps(DRIVER)}, "{{ray.address}}"]
+[[stage]]
+kind = "queue"
+name = "onray"
+executor = "ray"
+grid = {{ i = "1..4" }}
+command = '''sh -c 'echo cell={{i}} node=$(hostname -I) gpu=$CUDA_VISIBLE_DEVICES t0=$(date +%s.%N);
+                 sleep 3; echo t1=$(date +%s.%N)' '''
 [metrics]
+cell = {{ regex = '^cell=(\\d+)', type = "int", stage = "onray" }}
+node = {{ regex = 'node=(\\S+)', type = "str", stage = "onray" }}
+ray_gpu = {{ regex = 'gpu=(\\S*) t0=', type = "str", stage = "onray" }}
+t0 = {{ regex = 't0=([\\d.]+)', stage = "onray" }}
+t1 = {{ regex = '^t1=([\\d.]+)', stage = "onray" }}
 cluster_gpus = {{ regex = '^cluster GPU ([\\d.]+)', stage = "driver" }}
 alive_nodes = {{ regex = '^alive nodes (\\d+)', type = "int", stage = "driver" }}
 node_addresses = {{ regex = '^node addresses (\\S+)', type = "str", stage = "driver" }}
@@ -192,8 +205,18 @@ node_addresses = {{ regex = '^node addresses (\\S+)', type = "str", stage = "dri
     (status,) = journal_events(run, "ray-status")
     assert parse_ray_status(str(status["status"])) == (2, 4.0)
     assert "Ray runtime started" in the_log(run, "ray.tb2-*.log")
-    (row,) = json.loads((run / "results.json").read_text())
+    rows = json.loads((run / "results.json").read_text())
+    (row,) = [r for r in rows if r["stage"] == "driver"]
     assert (row["cluster_gpus"], row["alive_nodes"]) == (4.0, 2), the_log(run, "driver.*.log")
+    # executor = "ray": the four cells ran as Ray tasks needing one GPU each, on both nodes, each seeing exactly
+    # the GPU Ray gave it, and no two tasks that ran at the same time shared a GPU.
+    cells = [r for r in rows if r["stage"] == "onray"]
+    assert sorted(r["cell"] for r in cells) == [1, 2, 3, 4] and {r["state"] for r in cells} == {"done"}
+    assert {r["node"] for r in cells} == {tb1.address, tb2.address}
+    assert all(r["ray_gpu"] in ("0", "1") for r in cells), cells
+    for a, b in itertools.combinations(cells, 2):
+        if a["t0"] < b["t1"] and b["t0"] < a["t1"]:
+            assert (a["node"], a["ray_gpu"]) != (b["node"], b["ray_gpu"]), (a, b)
     assert row["node_addresses"] == ",".join(sorted((tb1.address, tb2.address)))
     assert task_states(run, "ray") == ["stopped", "stopped"]
 

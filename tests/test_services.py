@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from remote.engine import choose_initial_peer, parse_ray_status
 from remote.events import EngineNote
 from remote.journal import Journal
+from remote.plan import build_plan
 from remote.procfs import is_alive
-from tests.conftest import REPO, run_engine
+from remote.recipe_loader import RecipeError, load_recipe
+from remote.slots import declared_slots
+from tests.conftest import REPO, cli, cli_popen, run_engine
 
 Writer = Callable[..., Path]
 SERVICE = REPO / "tests" / "workloads" / "tiny_service.py"
@@ -202,3 +210,76 @@ Usage:
     assert choose_initial_peer(peers) == "/ip4/198.18.0.11/tcp/31337/p2p/QmA"
     assert choose_initial_peer(peers[:1]) == peers[0]
     assert choose_initial_peer([]) == ""
+
+
+def test_ray_executor_needs_an_earlier_ray_stage_and_free_slot(write_recipe: Writer) -> None:
+    base = """
+        name = "rayexec"
+        [hosts.a]
+        gpus = 2
+        {ray}
+        [[stage]]
+        kind = "queue"
+        executor = "ray"
+        {extra}
+        grid = {{ i = [1, 2] }}
+        command = "echo {{i}}"
+    """
+    ray_stage = '[[stage]]\n        kind = "ray"'
+    with pytest.raises(RecipeError, match='needs a kind = "ray" stage before this one'):
+        load_recipe(write_recipe(base.format(ray="", extra="")))
+    with pytest.raises(RecipeError, match="means nothing when Ray places the tasks"):
+        load_recipe(write_recipe(base.format(ray=ray_stage, extra='placement = "md5"')))
+    with pytest.raises(RecipeError, match="'nope' is not a ray stage before this one"):
+        load_recipe(write_recipe(base.format(ray=ray_stage, extra='cluster = "nope"')))
+    loaded = load_recipe(write_recipe(base.format(ray=ray_stage, extra="gpus_per_task = 0.5")))
+    plan = build_plan(loaded, {"a": declared_slots("a", 2)})
+    queue = plan.stages[1]
+    # Ray places the tasks: dispatch slots are "as many tasks as the cluster's GPUs hold" (2 GPUs / 0.5), on the head.
+    assert [s.key for s in queue.slots] == ["a:0", "a:1", "a:2", "a:3"]
+    assert all(t.pinned_slot is None for t in queue.tasks)
+
+
+@pytest.mark.slow
+def test_resume_after_crash_stops_old_services_before_starting_them_again(write_recipe: Writer,
+                                                                         tmp_path: Path) -> None:
+    """The old service still holds its port after the engine is SIGKILLed: resume must stop it (never duplicate it),
+    start it again for the trial, and finish the cells that did not finish."""
+    port = free_port()
+    marks = tmp_path / "marks"
+    recipe = write_recipe(f"""
+        name = "svcresume"
+        [hosts.here]
+        gpus = 2
+        [[stage]]
+        kind = "service"
+        name = "svc"
+        command = "{{python}} {SERVICE} --port {port}"
+        ready = {{ port = {port}, timeout = "20s" }}
+        [[stage]]
+        kind = "queue"
+        name = "client"
+        grid = {{ i = "1..6" }}
+        command = "sh -c 'echo {{i}} >> {marks}; sleep 1.5; echo done {{i}}'"
+    """)
+    run = tmp_path / "run"
+    engine = cli_popen("--recipe", str(recipe), "--run-dir", str(run))
+    deadline = time.monotonic() + 60
+    while (len(marks.read_text().split()) if marks.exists() else 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(engine.pid, signal.SIGKILL)
+    engine.wait()
+    (old_pid,) = _service_pids(run)
+    assert is_alive(old_pid), "the crashed engine's service should still be running (it is detached)"
+    result = cli("--recipe", str(recipe), "--run-dir", str(run), "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped; it restarts with its trial" in result.stdout
+    assert not is_alive(old_pid)
+    pids = _service_pids(run)
+    assert len(pids) == 2 and not any(is_alive(p) for p in pids)
+    j = Journal(run / "journal.sqlite", readonly=True)
+    try:
+        assert sorted(t.state for t in j.tasks() if t.stage == "client") == ["done"] * 6
+    finally:
+        j.close()

@@ -97,6 +97,10 @@ class Transport(ABC):
         """A file a task wrote (relative paths from `workdir`), or None when it does not exist."""
 
     @abstractmethod
+    async def put_file(self, name: str, text: str) -> str:
+        """Install a helper file (a script benchfleet runs there) in the run's state directory; returns its path."""
+
+    @abstractmethod
     async def check(self, workdir: str, programs: Sequence[str]) -> list[str]:
         """Preflight: what is missing on the host (the working directory, programs not on PATH), one item each."""
 

@@ -185,6 +185,14 @@ class LocalTransport(Transport):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
+    async def put_file(self, name: str, text: str) -> str:
+        path = self._state_root / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o700)
+        tmp.replace(path)
+        return str(path)
+
     async def check(self, workdir: str, programs: Sequence[str]) -> list[str]:
         missing: list[str] = []
         if not Path(workdir).is_dir():

@@ -437,6 +437,17 @@ class SSHTransport(Transport):
         q = shlex.quote(full)
         return await self._sh_sized(f"if [ -f {q} ]; then bf_read {q} 0 {int(limit)}; else echo -1; fi")
 
+    async def put_file(self, name: str, text: str) -> str:
+        path = f"{self._root}/{name}"
+        nonce = secrets.token_hex(8)
+        if not text.endswith("\n"):
+            text += "\n"
+        status, _ = await self._sh(f"(umask 077; cat > {shlex.quote(path)}.tmp <<'BF{nonce}'\n{text}BF{nonce}\n) && "
+                                   f"mv -f {shlex.quote(path)}.tmp {shlex.quote(path)}")
+        if status != 0:
+            raise HostError(f"host {self.host}: cannot write {path} (status {status}); check disk space")
+        return path
+
     async def check(self, workdir: str, programs: Sequence[str]) -> list[str]:
         q = shlex.quote(workdir)
         lines = [f"cd {q} 2>/dev/null || {{ echo 'working directory {workdir} does not exist'; exit 0; }}"]

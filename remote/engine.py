@@ -54,6 +54,7 @@ from remote.plan import (
     effective_hosts,
     ray_cluster_of,
     runtime_values,
+    safe_name,
 )
 from remote.recipe import (
     FetchStage,
@@ -767,7 +768,7 @@ class Engine:
         """Copy files from the hosts into fetched/<trial>/<host>/ and extract the metrics that name this stage."""
         spec = stage.spec
         assert isinstance(spec, FetchStage) and self.journal is not None and self.plan is not None
-        folder = self.rd.path / "fetched" / (_safe_part(stage.trial) or "_")
+        folder = self.rd.path / "fetched" / (safe_name(stage.trial) or "_")
         for task in stage.tasks:
             host = (task.pinned_slot or "").rsplit(":", 1)[0]
             transport = self._transports[host]
@@ -790,7 +791,7 @@ class Engine:
                     continue
                 target = folder / host / Path(path).name
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                write_private_bytes(target, data)
+                write_private(target, data)
                 fetched[path] = data
             for path_template, _what in extractor.file_metrics():
                 path = render(path_template, values)
@@ -1417,19 +1418,6 @@ def parse_ray_status(text: str) -> tuple[int, float]:
 def shape_state_id(run_id: str, host: str) -> str:
     """Per host: hosts may share a home directory (NFS, the testbed), and each host's shaping state is its own."""
     return f"{run_id}.{host}"
-
-
-def _safe_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:100]
-
-
-def write_private_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically with mode 0600 (fetched results may hold anything)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _try_render(text: str, values: Mapping[str, object]) -> str:

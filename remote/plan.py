@@ -383,14 +383,14 @@ def _task(ctx: _Ctx, index: int, values: Mapping[str, Scalar], argv: Sequence[st
     label = label or ctx.name
     log_parts = [ctx.name, *(f"{k}={v}" for k, v in all_values.items())] + ([host] if host else [])
     return TaskPlan(id=task_id, stage=ctx.name, index=index, label=label,
-                    log_name=f"{_safe_name('.'.join(log_parts))}-{task_id[:8]}", values=dict(all_values),
+                    log_name=f"{safe_name('.'.join(log_parts))}-{task_id[:8]}", values=dict(all_values),
                     argv=tuple(argv), env=dict(env), workdir=workdir, cost=cost, pinned_slot=pin, service=role)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
-def _safe_name(text: str) -> str:
+def safe_name(text: str) -> str:
     """A file name that says which cell a log belongs to, with nothing a shell or a filesystem would trip on."""
     return _UNSAFE.sub("_", text)[:120]
 

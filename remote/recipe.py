@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Scalar = str | int | float | bool
 """A variable or grid value as TOML gives it."""
@@ -22,6 +22,27 @@ NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 """Names of recipes, hosts, stages, variables and metrics: usable in placeholders, file names and SQL."""
 
 HALT_PATTERN = re.compile(r"^(never|first-failure|(?P<n>[1-9][0-9]*)-failures?)$")
+
+
+def _compiled(value: str) -> str:
+    """A regex that compiles (huge repeats and deep nesting raise OverflowError/RecursionError, not re.error)."""
+    try:
+        re.compile(value)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"the regex does not compile: {exc}") from None
+    return value
+
+
+def _duration(value: float | str) -> float | str:
+    parse_duration(value)
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_compiled)]
+"""A Python regex, checked when the recipe loads."""
+
+Duration = Annotated[float | str, AfterValidator(_duration)]
+"""Seconds, or "90s" / "30m" / "2h" / "1d", checked when the recipe loads."""
 
 
 class _Strict(BaseModel):
@@ -80,13 +101,8 @@ class MetricSpec(_Strict):
     @field_validator("regex")
     @classmethod
     def _regex_compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                compiled = re.compile(v)
-            except (re.error, OverflowError, RecursionError) as exc:  # huge repeats and deep nesting raise these
-                raise ValueError(f"the regex does not compile: {exc}") from None
-            if compiled.groups == 0:
-                raise ValueError("the regex needs a capture group (or named groups) around the value")
+        if v is not None and re.compile(_compiled(v)).groups == 0:
+            raise ValueError("the regex needs a capture group (or named groups) around the value")
         return v
 
 
@@ -121,11 +137,11 @@ class QueueStage(_Strict):
     """Extra attempts for a failed task; it goes back to the end of the queue."""
     halt: str = "never"
     """never | first-failure | N-failures: stop dispatching new tasks after that many failed tasks."""
-    timeout: float | str | None = None
+    timeout: Duration | None = None
     """Per-attempt time limit: seconds, or "90s", "30m", "2h". The process group is killed when it expires."""
-    done: str | None = None
+    done: Regex | None = None
     """Regex a successful task must print (ReDrafter: "^Tokens/second"); exit 0 without it is a failure."""
-    progress: str | None = None
+    progress: Regex | None = None
     """Regex with two groups (done, total) for per-task progress; default: tqdm-like "k/N"."""
     isolate_gpu: bool = True
     """Set CUDA_VISIBLE_DEVICES to the task's slot. Turn off for programs that pick the device themselves."""
@@ -147,23 +163,6 @@ class QueueStage(_Strict):
             raise ValueError('expected "never", "first-failure" or "N-failures" (e.g. "3-failures")')
         return v
 
-    @field_validator("done", "progress")
-    @classmethod
-    def _regex_compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except (re.error, OverflowError, RecursionError) as exc:  # huge repeats and deep nesting raise these
-                raise ValueError(f"the regex does not compile: {exc}") from None
-        return v
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout_form(cls, v: float | str | None) -> float | str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
-
 
 class RunStage(_Strict):
     """One command run once on each of some hosts (a setup step, a client, a suite on a cluster head)."""
@@ -179,50 +178,27 @@ class RunStage(_Strict):
     """Environment for the process; values may use placeholders."""
     workdir: str | None = None
     """Working directory (default: the host's)."""
-    timeout: float | str | None = None
+    timeout: Duration | None = None
     """Time limit, as for queue stages."""
-    done: str | None = None
+    done: Regex | None = None
     """Regex the run must print to count as successful."""
     retries: Annotated[int, Field(ge=0, le=100)] = 0
     """Extra attempts when it fails."""
     preflight: bool = True
     """Check the program and working directory on each host before the campaign starts."""
 
-    @field_validator("timeout")
-    @classmethod
-    def _timeout_form(cls, v: float | str | None) -> float | str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
-
 
 class ReadySpec(_Strict):
     """When a service counts as ready: a log line, a listening TCP port, or a command that succeeds on its host."""
 
-    log: str | None = None
+    log: Regex | None = None
     """Regex its output must match (Petals servers: "Started")."""
     port: int | str | None = None
     """TCP port that must be listening on the service's host (placeholders allowed: "{port}")."""
     command: str | list[str] | None = None
     """A command run on the service's host until it exits 0."""
-    timeout: float | str = "300s"
+    timeout: Duration = "300s"
     """How long to wait before the trial fails with what is missing."""
-
-    @field_validator("log")
-    @classmethod
-    def _regex_compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except (re.error, OverflowError, RecursionError) as exc:
-                raise ValueError(f"the regex does not compile: {exc}") from None
-        return v
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout_form(cls, v: float | str) -> float | str:
-        parse_duration(v)
-        return v
 
 
 class ServiceStage(_Strict):
@@ -271,7 +247,7 @@ class RayStage(_Strict):
     """GPUs each node declares to Ray (default: the host's GPU slots)."""
     cpus_per_host: int | None = None
     """CPUs each node declares (default: Ray's own count)."""
-    timeout: float | str = "300s"
+    timeout: Duration = "300s"
     """How long the cluster may take to show every node."""
     preflight: bool = True
     """Check that `ray` is on PATH on every host first."""
@@ -300,11 +276,11 @@ class SwarmStage(_Strict):
     """Hosts running servers (default: every host but the coordinator; all hosts if there is only one)."""
     per_slot: bool = False
     """One server per GPU slot instead of one per host."""
-    server_ready: str = "Started"
+    server_ready: Regex = "Started"
     """Regex a server prints when it serves (Petals: "Started")."""
     env: dict[str, str] = Field(default_factory=dict)
     """Environment for the DHT and the servers."""
-    timeout: float | str = "300s"
+    timeout: Duration = "300s"
     """How long the DHT and every server may take to be ready."""
     preflight: bool = True
     """Check the programs on the hosts first."""
@@ -332,7 +308,7 @@ class PipelineStage(_Strict):
     """Environment for each worker."""
     workdir: str | None = None
     """Working directory (default: the host's)."""
-    timeout: float | str = "600s"
+    timeout: Duration = "600s"
     """How long the workers may take to listen."""
     preflight: bool = True
     """Check the worker program on the hosts first."""
@@ -357,7 +333,7 @@ class ShapeStage(_Strict):
     """Queue limit (packets for netem, bytes for tbf)."""
     qdisc: Literal["auto", "netem", "tbf"] = "auto"
     """Which qdisc: auto picks netem for a delay, tbf for a rate alone."""
-    revert_after: float | str = "6h"
+    revert_after: Duration = "6h"
     """Deadline of the armed revert: the host unshapes itself then if benchfleet never comes back."""
     allow_control_interface: bool = False
     """Allow shaping the interface the SSH control connection uses (the armed revert still protects the host)."""

@@ -95,12 +95,13 @@ def prepare(path: Path, *, resume: bool) -> RunDir:
     return rd
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a file atomically with mode 0600."""
+def write_private(path: Path, content: str | bytes) -> None:
+    """Write a file atomically with mode 0600 (recipes, fetched results: they may hold anything)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    data = content.encode() if isinstance(content, str) else content
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

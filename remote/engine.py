@@ -557,8 +557,9 @@ class Engine:
         return started
 
     def _slot_of_host(self, task: TaskPlan) -> Slot:
-        host = (task.pinned_slot or "local:0").rsplit(":", 1)[0]
-        return Slot(host=host, gpu=0)
+        """The slot a service instance was pinned to when discovery no longer lists it (GPUs changed)."""
+        host, _, gpu = (task.pinned_slot or "local:0").rpartition(":")
+        return Slot(host=host, gpu=int(gpu) if gpu.isdigit() else 0)
 
     async def _until_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
         """Wait for the instance's readiness rule, or fail the trial with what is missing and its last lines."""
@@ -572,7 +573,7 @@ class Engine:
                 raise _TrialFailed(f"{what} exited before it was ready (exit {state.rc}); "
                                    f"last lines: {self._last_lines(attempt)}")
             if await self._is_ready(attempt, role):
-                self.journal_event_ready(stage, attempt)
+                self._journal_ready(stage, attempt)
                 return
             if time.monotonic() > deadline:
                 rule = (f"a line matching {role.ready_log!r}" if role.ready_log else
@@ -585,7 +586,7 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await within(0.25, attempt.ready.wait())
 
-    def journal_event_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
+    def _journal_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
         if self.journal is not None:
             self.journal.event("service-ready", attempt.task.id, stage=stage.name, host=attempt.slot.host,
                                captured=attempt.captured)
@@ -688,7 +689,7 @@ class Engine:
     async def _teardown(self, services: Sequence[_Attempt]) -> None:
         """Stop services in reverse order (kill the group, then the stop command), then revert shaping."""
         assert self.journal is not None
-        pending = list(services) + [a for a in getattr(self, "_pending_teardown", []) if a not in services]
+        pending = list(services) + [a for a in self._pending_teardown if a not in services]
         self._pending_teardown = []
         stopped_hosts: set[tuple[str, tuple[str, ...]]] = set()
         # Those that ended before the teardown died; one stop may end the others (`ray stop` ends all of Ray).

@@ -942,6 +942,7 @@ class Engine:
         argv = [render(a, values) for a in task.argv]
         env = {k: render(v, values) for k, v in task.env.items()}
         isolate = stage.spec.isolate_gpu if isinstance(stage.spec, QueueStage) else False
+        isolate = isolate or (task.service is not None and task.service.isolate_gpu)
         if isinstance(stage.spec, QueueStage) and stage.spec.executor == "ray":
             argv = await self._through_ray(stage, stage.spec, slot, argv, env)
             isolate = False  # Ray sets CUDA_VISIBLE_DEVICES on the node it picks

@@ -62,6 +62,8 @@ class ServiceRole:
     """Run on the host after the process group is killed (ray stop --force)."""
     info: Mapping[str, object] = field(default_factory=dict)
     """What the planner decided for this instance (a pipeline worker's url, slice and port)."""
+    isolate_gpu: bool = False
+    """Set CUDA_VISIBLE_DEVICES to the instance's slot (pipeline workers, per-slot swarm servers), as queue tasks."""
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,8 @@ def _swarm_tasks(spec: SwarmStage, ctx: _Ctx, server_hosts: Sequence[str]) -> li
         slots = list(ctx.slots_by_host.get(host, ())) if spec.per_slot else [ctx.first_slot(host)]
         for slot in slots:
             tasks.append(_one(ctx, index, host, spec.servers, spec.env, None, slot=slot,
-                              role=ServiceRole(group=1, ready_log=spec.server_ready, ready_timeout=timeout)))
+                              role=ServiceRole(group=1, ready_log=spec.server_ready, ready_timeout=timeout,
+                                               isolate_gpu=spec.per_slot)))
             index += 1
     return tasks
 
@@ -361,7 +364,7 @@ def _pipeline_tasks(spec: PipelineStage, ctx: _Ctx, slots: Sequence[Slot]) -> li
     timeout = parse_duration(spec.timeout)
     tasks = []
     for w in workers:
-        role = ServiceRole(group=0, ready_port=str(w.port), ready_timeout=timeout, info=w.values())
+        role = ServiceRole(group=0, ready_port=str(w.port), ready_timeout=timeout, info=w.values(), isolate_gpu=True)
         tasks.append(_one(ctx, w.rank, w.slot.host, spec.command, spec.env, spec.workdir, role=role,
                           extra=w.values(), slot=w.slot))
     return tasks

@@ -31,6 +31,7 @@ Writer = Callable[..., Path]
 BIN = Path(sys.executable).parent
 """The testbed hosts' PATH holds this interpreter's folder: its `ray` and `hivemind-dht` are the hosts'."""
 WORKLOADS = REPO / "tests" / "workloads"
+DESERVE = REPO / "recipes" / "workloads"
 SHAPE_STATE = Path.home() / ".cache" / "benchfleet" / "shape"
 ROUTING_TABLE_OF_TWO = "2 DHT nodes (including this one) are in the local routing table"
 
@@ -370,11 +371,11 @@ for url in sys.argv[1].split(","):
 def test_pipeline_workers_get_their_slices_and_ring_and_serve_the_client(write_recipe: Writer,
                                                                           tmp_path: Path) -> None:
     base, controller = free_ports(3), free_ports(1)
-    worker = (f"{{python}} {WORKLOADS / 'pipeline_worker.py'} --model llama-3-8b --num-rounds {{num_rounds}} "
+    worker = (f"{{python}} {DESERVE / 'deserve_worker.py'} --model llama-3-8b --num-rounds {{num_rounds}} "
               "--layer-begin {layer_begin} --layer-end {layer_end} --batch-size 4 --port {port} "
               f"--controller-url http://127.0.0.1:{controller} --next-worker-url {{next_url}} "
               "--report-interval 0.5")
-    client = (f"{{python}} {WORKLOADS / 'pipeline_client.py'} --first-worker-url {{pipeline.first_url}} "
+    client = (f"{{python}} {DESERVE / 'deserve_client.py'} --first-worker-url {{pipeline.first_url}} "
               f"--controller-port {controller} --workload fixed6:8:0 --max-tokens 4 --batch-size 3 "
               "--idle-timeout 20")
     recipe = write_recipe(f"""

@@ -1,4 +1,4 @@
-"""The DeServe stand-ins: a planned ring of pipeline_worker processes serves pipeline_client's workload."""
+"""The DeServe stand-ins: a planned ring of deserve_worker processes serves deserve_client's workload."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from recipes.workloads import deserve_worker
 from remote.slots import declared_slots
 from remote.stages.pipeline import WorkerPlan, plan_pipeline
 from remote.template import render_argv
-from tests.workloads import pipeline_worker
 
-WORKLOADS = Path(__file__).resolve().parent / "workloads"
-WORKER, CLIENT = WORKLOADS / "pipeline_worker.py", WORKLOADS / "pipeline_client.py"
+WORKLOADS = Path(__file__).resolve().parent.parent / "recipes" / "workloads"
+WORKER, CLIENT = WORKLOADS / "deserve_worker.py", WORKLOADS / "deserve_client.py"
 # The seed's worker command, with the stand-in in place of `python3 -m deserve_worker.worker_api`.
 WORKER_COMMAND = (
     "{python} {worker} --model=llama-3-70b --num-rounds={num_rounds} --layer-begin={layer_begin} "
@@ -80,9 +80,9 @@ def expected_tokens(input_len: int, max_tokens: int) -> list[int]:
     order: proof the planned slices chain into a complete, non-overlapping ring."""
     token, out = input_len, []
     for step in range(1, max_tokens + 1):
-        for layer in range(len(pipeline_worker.layer_names("llama-3-70b"))):
-            token = (token * 1_103_515_245 + layer + 12_345) % pipeline_worker.VOCAB
-        out.append(pipeline_worker.STOP_TOKEN if step == max_tokens else token)
+        for layer in range(len(deserve_worker.layer_names("llama-3-70b"))):
+            token = (token * 1_103_515_245 + layer + 12_345) % deserve_worker.VOCAB
+        out.append(deserve_worker.STOP_TOKEN if step == max_tokens else token)
     return out
 
 
@@ -185,7 +185,7 @@ def test_client_rejects_workloads_it_cannot_generate() -> None:
     proc = run_client("--workload=sharegpt", f"--controller-port={free_ports(1)}",
                       "--controller-host=127.0.0.1")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("pipeline_client: workload 'sharegpt' is not supported by this stand-in; "
+    assert proc.stderr.strip() == ("deserve_client: workload 'sharegpt' is not supported by this stand-in; "
                                    "use fixedN:input:variation")
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from console.rundata import format_duration
 from remote.events import (
     EngineNote,
     Event,
@@ -46,16 +47,6 @@ class _StageView:
     retrying: int = 0
     finished_this_run: int = 0
     started: float = field(default_factory=time.monotonic)
-
-
-def format_duration(seconds: float) -> str:
-    """1h02m, 3m05s, 12s: short and unambiguous."""
-    s = int(max(0.0, seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def bar(fraction: float, width: int) -> str:

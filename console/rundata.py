@@ -26,7 +26,7 @@ from remote.journal import Journal, TaskRow
 from remote.plan import build_plan
 from remote.recipe import PlotSpec, QueueStage
 from remote.recipe_loader import LoadedRecipe, RecipeError, parse_recipe
-from remote.results import select_columns, sort_rows
+from remote.results import finish_rows, select_columns, sort_rows
 from remote.rundir import RunDir
 from remote.slots import Slot
 
@@ -704,7 +704,8 @@ class RunReader:
             rows.append(row)
         if loaded is not None:
             columns = select_columns(loaded.recipe.results, axes, list(loaded.metric_names))
-            rows = sort_rows(rows, loaded.recipe.results.sort)
+            # The same expansion and verdicts as results.csv: one row per case (Alpa), a verdict per baseline.
+            rows = sort_rows(finish_rows(rows, loaded.recipe.results), loaded.recipe.results.sort)
         else:
             columns = [*axes, *sorted({k for m in metrics.values() for k in m}), "state"]
         if "state" not in columns:

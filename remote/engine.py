@@ -747,8 +747,19 @@ class Engine:
         spec = stage.spec
         assert isinstance(spec, ShapeStage) and self.journal is not None
         run_id = self.journal.meta("run_id") or self.rd.path.name
-        request = shape.ShapeRequest(interface=spec.interface, delay=spec.delay, rate=spec.rate, limit=spec.limit,
-                                     qdisc=spec.qdisc, revert_after=parse_duration(spec.revert_after))
+        scope = {**self.loaded.recipe.variables, **stage.trial_values}
+
+        def filled(value: str | int | None) -> str | None:
+            return None if value is None else render(str(value), scope)
+
+        limit = filled(spec.limit)
+        try:
+            request = shape.ShapeRequest(interface=spec.interface, delay=filled(spec.delay), rate=filled(spec.rate),
+                                         limit=int(limit) if limit is not None else None,
+                                         qdisc=spec.qdisc, revert_after=parse_duration(spec.revert_after))
+        except ValueError as exc:
+            raise _TrialFailed(f"stage {stage.name}: {exc}; expected a delay like 10ms, a rate like 100mbit and an "
+                               "integer limit") from None
         labels = []
         for host in stage.hosts:
             transport = self._transports[host]
@@ -801,8 +812,9 @@ class Engine:
                     data = await transport.read_file(path, workdir, RESULT_FILE_LIMIT)
                 if data is not None:
                     extractor.feed_file(path_template, data)
+            final = extractor.finish({**values, **task.values})
             with self.journal.transaction():
-                self.journal.set_metrics(task.id, dict(extractor.values))
+                self.journal.set_metrics(task.id, final)
                 self.journal.set_task_state(task.id, "done", host=host, gpu=slot.gpu, started=time.time(),
                                             ended=time.time(), reason=f"fetched {len(fetched)} file(s)")
             self.journal.event("fetched", task.id, host=host, files=sorted(fetched))
@@ -1139,7 +1151,8 @@ class Engine:
         else:
             ok, reason, attempt_state = True, "exit 0", "done"
         outcome = queues.finished(task, ok)
-        metrics: dict[str, object] = dict(ex.values)
+        metrics: dict[str, object] = ex.finish({**self.loaded.recipe.variables, **attempt.stage.trial_values,
+                                                **task.values, **self._captures()})
         with self.journal.transaction():
             self.journal.end_attempt(task.id, attempt.number, attempt_state, rc, reason)
             self.journal.set_metrics(task.id, metrics)

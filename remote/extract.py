@@ -6,14 +6,17 @@ task ends, the result files named by `TaskExtractor.file_metrics()` through `fee
 
 from __future__ import annotations
 
+import ast
 import codecs
 import json
 import math
+import operator
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from remote.recipe import MetricSpec, Recipe, Scalar
+from remote.results import FAILED_CASE, MATCH_ROWS, RESERVED_COLUMNS
 
 MAX_LINE_CHARS = 1 << 20
 """A line longer than this is cut into pieces, so output without line ends cannot grow a buffer without bound."""
@@ -35,6 +38,128 @@ progress, so dates ("2024/01/02"), paths ("runs/3/10"), decimals ("12.5/100.0", 
 
 class MetricError(ValueError):
     """A metric table that cannot work (no regex or json, clashing names); the message is one line for the user."""
+
+
+class ExprError(ValueError):
+    """A derived value's expression that does not parse, or cannot be computed from its inputs; one line."""
+
+
+EXPR_EXPECTED = ("numbers, metric names, grid and trial values, variables, captures as stage.key, "
+                 "+ - * / // % **, parentheses, min(), max() and abs()")
+
+_BINARY: dict[type[ast.operator], Callable[[float, float], object]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_FUNCTIONS: dict[str, Callable[..., float]] = {"min": min, "max": max, "abs": abs}
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """`swarm.servers` (an attribute chain on a plain name) as one dotted name; None for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return f"{head}.{node.attr}" if head is not None else None
+    return None
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A checked arithmetic expression over named values (a derived metric's `expr`), interpreted, never eval'd."""
+
+    text: str
+    names: tuple[str, ...]
+    """The names it reads, in order of first use; captures as "stage.key"."""
+    body: ast.expr = field(repr=False)
+
+    def evaluate(self, values: Mapping[str, object]) -> float | None:
+        """The value, or None when an input is absent or missing; ExprError when an input is not a number or
+        the arithmetic fails (division by zero, overflow, a complex or non-finite result)."""
+        inputs: dict[str, float] = {}
+        for name in self.names:
+            raw = values.get(name)
+            if raw is None:
+                return None
+            number: object = typed(raw, "float") if isinstance(raw, str) else raw  # captures may be text ("8")
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise ExprError(f"{name} = {raw!r} is not a number")
+            inputs[name] = float(number)
+        try:
+            result = self._eval(self.body, inputs)
+        except ZeroDivisionError:
+            raise ExprError(f"{self.text!r} divides by zero ({_show_inputs(inputs)})") from None
+        except OverflowError:
+            raise ExprError(f"{self.text!r} overflows ({_show_inputs(inputs)})") from None
+        if not math.isfinite(result):
+            raise ExprError(f"{self.text!r} is not a finite number ({_show_inputs(inputs)})")
+        return result
+
+    def _eval(self, node: ast.expr, inputs: Mapping[str, float]) -> float:
+        name = _dotted(node)
+        if name is not None:
+            return inputs[name]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp):
+            result = _BINARY[type(node.op)](self._eval(node.left, inputs), self._eval(node.right, inputs))
+            if not isinstance(result, float):  # a negative base to a fractional power gives a complex number
+                raise ExprError(f"{ast.unparse(node)!r} is not a real number ({_show_inputs(inputs)})")
+            return result
+        if isinstance(node, ast.UnaryOp):
+            operand = self._eval(node.operand, inputs)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            return float(_FUNCTIONS[node.func.id](*(self._eval(a, inputs) for a in node.args)))
+        raise AssertionError(f"unchecked expression node {ast.dump(node)}")  # compile_expr admits nothing else
+
+
+def _show_inputs(inputs: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} = {v:g}" for k, v in inputs.items())
+
+
+def compile_expr(text: str) -> Formula:
+    """Parse and check a derived value's expression; ExprError names the part that is not allowed."""
+    source = text.strip()
+    try:
+        tree = ast.parse(source, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        reason = exc.msg if isinstance(exc, SyntaxError) else type(exc).__name__
+        raise ExprError(f"{text!r} does not parse ({reason}); expected {EXPR_EXPECTED}") from None
+    names: list[str] = []
+    try:
+        _check_expr(tree.body, source, names)
+    except RecursionError:
+        raise ExprError(f"{text!r} is nested too deeply; expected a flatter expression") from None
+    return Formula(text=source, names=tuple(dict.fromkeys(names)), body=tree.body)
+
+
+def _check_expr(node: ast.expr, source: str, names: list[str]) -> None:
+    """Admit plain arithmetic only, collecting the names it reads."""
+    name = _dotted(node)
+    if name is not None:
+        names.append(name)
+    elif isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+            raise ExprError(f"{_segment(source, node)!r} is not a number; expected {EXPR_EXPECTED}")
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        _check_expr(node.left, source, names)
+        _check_expr(node.right, source, names)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        _check_expr(node.operand, source, names)
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
+          and not node.keywords and not any(isinstance(a, ast.Starred) for a in node.args)):
+        if (node.func.id == "abs") != (len(node.args) == 1) or not node.args:
+            what = "exactly one argument" if node.func.id == "abs" else "at least two arguments"
+            raise ExprError(f"{_segment(source, node)!r} has the wrong number of arguments; expected {what}")
+        for arg in node.args:
+            _check_expr(arg, source, names)
+    else:
+        raise ExprError(f"{_segment(source, node)!r} is not allowed; expected {EXPR_EXPECTED}")
+
+
+def _segment(source: str, node: ast.expr) -> str:
+    return ast.get_source_segment(source, node) or type(node).__name__
 
 
 def _strip_ansi(line: str) -> str:
@@ -177,16 +302,29 @@ class Metric:
     groups: tuple[str | int, ...]
     """The regex group holding each of `names`."""
     json_path: tuple[str, ...] | None
+    formula: Formula | None = None
+    """A derived value's expression (`expr`); such a metric reads no output."""
 
     @property
     def kind(self) -> str:
         return self.spec.type
 
+    def kind_of(self, name: str) -> str:
+        """The type of one of `names`: its entry in `types`, else `type`."""
+        return self.spec.types.get(name, self.spec.type)
+
+    def is_missing(self, text: str) -> bool:
+        """Whether the captured text is one of the `missing` markers (Alpa's "-1.000")."""
+        return bool(self.spec.missing) and text.strip() in self.spec.missing
+
 
 def _compile(key: str, spec: MetricSpec) -> Metric:
     where = f"metrics.{key}"
+    if spec.expr is not None:
+        return _compile_derived(key, spec)
     if spec.regex is None and spec.json_path is None:
-        raise MetricError(f"{where}: needs `regex` (with a capture group) or `json` (a key path such as a.b.0)")
+        raise MetricError(f"{where}: needs `regex` (with a capture group), `json` (a key path such as a.b.0) "
+                          "or `expr` (a derived value)")
     if spec.file is not None and spec.json_path is not None and spec.regex is not None:
         raise MetricError(f"{where}: `json` with `file` reads the whole file as JSON; drop `regex`")
     path: tuple[str, ...] | None = None
@@ -204,7 +342,29 @@ def _compile(key: str, spec: MetricSpec) -> Metric:
         # One value: the first group of the regex (or the JSON text it captures), or the JSON path's value.
         names = (key,)
         groups = (1,)
+    unknown = sorted(set(spec.types) - set(names))
+    if unknown:
+        which = f"the named groups {', '.join(names)}" if regex is not None and regex.groupindex else "named groups"
+        raise MetricError(f"{where}.types: {', '.join(unknown)} is not a value of this metric; expected {which}")
     return Metric(key=key, spec=spec, regex=regex, names=names, groups=groups, json_path=path)
+
+
+def _compile_derived(key: str, spec: MetricSpec) -> Metric:
+    where = f"metrics.{key}"
+    assert spec.expr is not None
+    if spec.regex is not None or spec.json_path is not None or spec.file is not None:
+        raise MetricError(f"{where}: `expr` computes the value from others; drop regex, json and file")
+    if spec.missing or spec.types or spec.each:
+        raise MetricError(f"{where}: missing, types and each describe captured text; a derived value has none")
+    if spec.type == "str":
+        raise MetricError(f'{where}: a derived value is a number; expected type = "float" or "int"')
+    try:
+        formula = compile_expr(spec.expr)
+    except ExprError as exc:
+        raise MetricError(f"{where}.expr: {exc}") from None
+    if key in formula.names:
+        raise MetricError(f"{where}.expr: {spec.expr!r} reads its own value; expected other metrics")
+    return Metric(key=key, spec=spec, regex=None, names=(key,), groups=(1,), json_path=None, formula=formula)
 
 
 class MetricSet:
@@ -221,8 +381,18 @@ class MetricSet:
                     raise MetricError(
                         f"metrics.{key}: value {name!r} is also produced by metrics.{seen[name]}; rename one"
                     )
+                if name in RESERVED_COLUMNS:
+                    raise MetricError(f"metrics.{key}: {name!r} is a column benchfleet fills itself; rename it")
                 seen[name] = key
             self._metrics.append(metric)
+        derived = [m.key for m in self._metrics if m.formula is not None]
+        for i, key in enumerate(derived):
+            formula = next(m.formula for m in self._metrics if m.key == key)
+            assert formula is not None
+            later = [n for n in formula.names if n in derived[i + 1:]]
+            if later:
+                raise MetricError(f"metrics.{key}.expr: {later[0]!r} is a derived value defined after it; "
+                                  "expected derived values in the order they use each other")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> MetricSet:
@@ -230,8 +400,10 @@ class MetricSet:
         return cls(recipe.metrics)
 
     def metric_names(self) -> list[str]:
-        """Every value name, in recipe order (named groups in pattern order)."""
-        return [name for m in self._metrics for name in m.names]
+        """Every value name, in recipe order (named groups in pattern order), then `failed_case` when a metric
+        has `missing` markers."""
+        names = [name for m in self._metrics for name in m.names]
+        return [*names, FAILED_CASE] if any(m.spec.missing for m in self._metrics) else names
 
     def for_stage(self, stage: str) -> list[Metric]:
         """The metrics that apply to tasks of `stage` (those without `stage`, and those naming it)."""
@@ -239,12 +411,18 @@ class MetricSet:
 
 
 class TaskExtractor:
-    """Follows one task's output: its metric values, whether the done line appeared, and its progress."""
+    """Follows one task's output: its metric values, whether the done line appeared, and its progress.
+
+    `values` holds one value per name; metrics with `each` add one row per match under MATCH_ROWS instead, which
+    the results table expands. `finish` computes the derived values once the output and files are read.
+    """
 
     def __init__(self, metrics: MetricSet, stage: str, *, done: str | None, progress: str | None) -> None:
         applicable = metrics.for_stage(stage)
-        self._line_metrics = [m for m in applicable if m.spec.file is None]
-        self._file_metrics = [m for m in applicable if m.spec.file is not None]
+        captured = [m for m in applicable if m.formula is None]
+        self._line_metrics = [m for m in captured if m.spec.file is None]
+        self._file_metrics = [m for m in captured if m.spec.file is not None]
+        self._derived = [m for m in applicable if m.formula is not None]
         self._done = re.compile(done) if done is not None else None
         self._progress = re.compile(progress) if progress is not None else DEFAULT_PROGRESS
         if self._progress.groups < 2:
@@ -252,7 +430,9 @@ class TaskExtractor:
         self._progress_groups: tuple[str | int, str | int] = (
             ("done", "total") if {"done", "total"} <= set(self._progress.groupindex) else (1, 2)
         )
-        self.values: dict[str, Scalar] = {}
+        self.values: dict[str, object] = {}
+        self.rows: list[dict[str, Scalar | None]] = []
+        """One dict per match of the `each` metrics (also under values[MATCH_ROWS] once there is one)."""
         self.conversion_errors: list[str] = []
         self.done_seen = False
         self.progress: tuple[int, int] | None = None
@@ -323,6 +503,41 @@ class TaskExtractor:
                 for metric in regex_metrics:
                     self._apply_regex(metric, line)
 
+    def finish(self, context: Mapping[str, object] | None = None) -> dict[str, object]:
+        """The task's final values, with the derived ones (`expr`) computed from its captured values and
+        `context`: variables, trial and grid values, and captures keyed "stage.key" (`swarm.servers`). Rows of
+        `each` metrics get their own derived values. Call after the last line and result file; idempotent."""
+        scope: dict[str, object] = {**(context or {})}
+        scope.update((k, v) for k, v in self.values.items() if k != MATCH_ROWS)
+        for metric in self._derived:
+            value = self._derive(metric, scope)
+            scope[metric.key] = value
+            if value is None:
+                self.values.pop(metric.key, None)
+            else:
+                self.values[metric.key] = value
+        for row in self.rows:
+            row_scope = {**scope, **row}
+            for metric in self._derived:
+                row[metric.key] = row_scope[metric.key] = self._derive(metric, row_scope)
+        return dict(self.values)
+
+    def _derive(self, metric: Metric, scope: Mapping[str, object]) -> Scalar | None:
+        assert metric.formula is not None
+        try:
+            result = metric.formula.evaluate(scope)
+        except ExprError as exc:
+            message = f"{metric.key}: {exc}"
+            if message not in self.conversion_errors:  # every row of a task may repeat it
+                self._error(message)
+            return None
+        if result is None or metric.kind != "int":
+            return result
+        if not result.is_integer():
+            self._error(f"{metric.key}: {result:g} is not an int")
+            return None
+        return int(result)
+
     def _match_progress(self, line: str) -> tuple[int, int] | None:
         found: tuple[int, int] | None = None
         done_group, total_group = self._progress_groups
@@ -340,12 +555,12 @@ class TaskExtractor:
         m = metric.regex.search(line)
         if m is None:
             return False
-        changed = False
+        found: list[tuple[str, str, Scalar | None]] = []
         for name, group in zip(metric.names, metric.groups, strict=True):
             text = m.group(group)
             if text is not None:
-                changed |= self._record(metric, name, text, typed(text, metric.kind))
-        return changed
+                found.append((name, text, typed(text, metric.kind_of(name))))
+        return self._take(metric, found)
 
     def _apply_json(self, metric: Metric, doc: object, *, required: bool, where: str = "") -> bool:
         assert metric.json_path is not None
@@ -358,22 +573,62 @@ class TaskExtractor:
             return False
         name = metric.names[0]
         shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        return self._record(metric, name, shown, _typed_json(value, metric.kind))
+        return self._take(metric, [(name, shown, _typed_json(value, metric.kind_of(name)))])
+
+    def _take(self, metric: Metric, found: list[tuple[str, str, Scalar | None]]) -> bool:
+        """Record one match's values: into the task's values, or into a row for `each` metrics."""
+        if not found:
+            return False
+        if metric.spec.each:
+            self._take_row(metric, found)
+            return True
+        changed = False
+        for name, text, value in found:
+            changed |= self._record(metric, name, text, value)
+        return changed
+
+    def _take_row(self, metric: Metric, found: list[tuple[str, str, Scalar | None]]) -> None:
+        """A match continues the current row unless one of its values is already there: then it opens a row."""
+        if not self.rows or any(name in self.rows[-1] for name, _, _ in found):
+            self.rows.append({})
+            self.values[MATCH_ROWS] = self.rows
+        row = self.rows[-1]
+        for name, text, value in found:
+            if metric.spec.missing:
+                row.setdefault(FAILED_CASE, False)  # the row's own status; the task's covers values outside rows
+            if metric.is_missing(text):
+                row[name] = None
+                row[FAILED_CASE] = True
+                continue
+            if value is None:
+                self._conversion_error(metric, name, text)
+            row[name] = value
 
     def _record(self, metric: Metric, name: str, text: str, value: Scalar | None) -> bool:
-        """Keep `value` under `name` by the metric's first/last rule; a failed conversion leaves it missing."""
+        """Keep `value` under `name` by the metric's first/last rule; a failed conversion or a `missing`
+        marker leaves it missing (the marker also sets failed_case)."""
         if not metric.spec.last:
             if name in self._settled:
                 return False
             self._settled.add(name)
+        if metric.spec.missing and FAILED_CASE not in self.values:
+            self.values[FAILED_CASE] = False  # the metric matched: from now on, the case's status is known
+        if metric.is_missing(text):
+            was_failed = self.values[FAILED_CASE] is True
+            self.values[FAILED_CASE] = True
+            return (self.values.pop(name, None) is not None) or not was_failed
         if value is None:
-            self._error(f"{name}: {text[:80]!r} is not {'an' if metric.kind == 'int' else 'a'} {metric.kind}")
+            self._conversion_error(metric, name, text)
             return self.values.pop(name, None) is not None
         old = self.values.get(name)
         if old is not None and old == value and type(old) is type(value):
             return False
         self.values[name] = value
         return True
+
+    def _conversion_error(self, metric: Metric, name: str, text: str) -> None:
+        kind = metric.kind_of(name)
+        self._error(f"{name}: {text[:80]!r} is not {'an' if kind == 'int' else 'a'} {kind}")
 
     def _error(self, message: str) -> None:
         if len(self.conversion_errors) < MAX_CONVERSION_ERRORS:

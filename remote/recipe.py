@@ -96,7 +96,21 @@ class MetricSpec(_Strict):
     type: Literal["float", "int", "str"] = "float"
     """How the captured text is typed; a value that does not convert is recorded as missing, never guessed."""
     last: bool = True
-    """With several matches, keep the last one (true) or the first one (false)."""
+    """With several matches, keep the last one (true) or the first one (false). Ignored with `each`."""
+    types: dict[str, Literal["float", "int", "str"]] = Field(default_factory=dict)
+    """Per named group, a type overriding `type` (Alpa's result line: `model_config = "str"`, `gpus = "int"`,
+    the rest floats), so one regex can read a whole line of mixed fields."""
+    missing: list[str] = Field(default_factory=list)
+    """Captured texts that mean "no value" (Alpa prints `-1.000` and `-1.00` for a failed case): such a value is
+    recorded as missing, never as a number, and its row gets `failed_case = true`."""
+    each: bool = False
+    """Every match is its own result row (Alpa's one result line per case, the Petals TSV's rows), instead of one
+    value per task. The task's other values are repeated on each of its rows. A match starts a new row when one of
+    its values is already in the current row, so put first a metric on the line that opens each case."""
+    expr: str | None = None
+    """A derived value instead of a captured one: arithmetic (+ - * / // % **, min, max, abs) over other metrics,
+    grid and trial values, variables and captures written as `stage.key` (`throughput / swarm.servers`),
+    computed when the task's values are final; per row for `each` values. A missing input gives a missing value."""
 
     @field_validator("regex")
     @classmethod
@@ -329,8 +343,8 @@ class ShapeStage(_Strict):
     """One-way delay ("10ms"); needs netem."""
     rate: str | None = None
     """Rate limit ("1gbit", "100mbit"); tbf when no delay is asked."""
-    limit: int | None = None
-    """Queue limit (packets for netem, bytes for tbf)."""
+    limit: int | str | None = None
+    """Queue limit (packets for netem, bytes for tbf); delay, rate and limit may use trial placeholders ({rate})."""
     qdisc: Literal["auto", "netem", "tbf"] = "auto"
     """Which qdisc: auto picks netem for a delay, tbf for a rate alone."""
     revert_after: Duration = "6h"
@@ -362,6 +376,19 @@ StageSpec = Annotated[QueueStage | RunStage | ServiceStage | RayStage | SwarmSta
                       | FetchStage, Field(discriminator="kind")]
 
 
+class Baseline(_Strict):
+    """The expected value of one metric and how far it may move before the verdict calls it a regression."""
+
+    value: float
+    """The expected value (Alpa's gpt.perf_test_manual on AWS p3.16: mean_time = 2.454)."""
+    tolerance: float = Field(default=0.05, ge=0)
+    """Allowed relative change (0.10 = 10%) either way before the verdict says "regressed" or "improved"."""
+    better: Literal["lower", "higher"] = "lower"
+    """Which direction is an improvement: "lower" for times, "higher" for throughput and TFLOPs."""
+    where: dict[str, Scalar] = Field(default_factory=dict)
+    """Rows the expectation applies to, by column value (`{ suite = "gpt.perf_test_manual" }`); default: all."""
+
+
 class ResultsSpec(_Strict):
     """The results table written to results.csv / results.json."""
 
@@ -371,6 +398,10 @@ class ResultsSpec(_Strict):
     """Sort keys, numeric where the values are numbers; prefix "-" for descending."""
     format: dict[str, str] = Field(default_factory=dict)
     """printf-style formats per column in results.csv (ReDrafter's make_csv.awk prints "%f" for accepted tokens)."""
+    baseline: dict[str, Baseline] = Field(default_factory=dict)
+    """Expected values per metric (`mean_time = { value = 2.454, tolerance = 0.10, better = "lower" }`): each row
+    they apply to gets a `verdict` column, "ok", "regressed by 12%", "improved by 12%", "failed" or "missing";
+    with several metrics, each part names its metric."""
 
 
 class PlotSpec(_Strict):

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from remote.extract import ExprError, compile_expr
 from remote.grid import GridError, compile_cost, expand_grid, parse_axis
 from remote.recipe import (
     NAME_PATTERN,
@@ -35,8 +36,8 @@ from remote.recipe import (
     SwarmStage,
     parse_duration,
 )
-from remote.results import BUILTIN_COLUMNS
-from remote.template import PLAN_BUILTINS, RUNTIME_PLACEHOLDERS, TemplateError, placeholders, split_command
+from remote.results import BUILTIN_COLUMNS, FAILED_CASE, RESERVED_COLUMNS, VERDICT
+from remote.template import PLAN_BUILTINS, RUNTIME_PLACEHOLDERS, TemplateError, placeholders, render, split_command
 
 Key = str | int
 FieldPath = tuple[Key, ...]
@@ -681,16 +682,29 @@ class _Checker:
         """tc values are checked here, not when a host is already half-way through a trial."""
         from remote.stages.shape import check_interface, normalise_delay, normalise_rate  # noqa: PLC0415
 
-        checks: list[tuple[str, str | None, Callable[[str], str]]] = [
+        def whole_number(text: str) -> str:
+            if not text.strip().isdigit():
+                raise ValueError(f"limit {text!r} is not a whole number (packets for netem, bytes for tbf)")
+            return text
+
+        checks: list[tuple[str, str | int | None, Callable[[str], str]]] = [
             ("interface", stage.interface, check_interface), ("rate", stage.rate, normalise_rate),
-            ("delay", stage.delay, normalise_delay)]
+            ("delay", stage.delay, normalise_delay), ("limit", stage.limit, whole_number)]
+        known = set(self.recipe.variables) | self.trial_axes
         for field_name, value, check in checks:
             if value is None:
                 continue
-            try:
-                check(value)
-            except ValueError as exc:
-                self.problem((*base, field_name), str(exc))
+            path = (*base, field_name)
+            if field_name != "interface" and not self._template(path, str(value), 0, known):
+                continue
+            for trial in self.trials:  # trial values fill the placeholders: check every trial's value
+                text = render(str(value), {**self.recipe.variables, **trial}) if field_name != "interface" else value
+                try:
+                    check(str(text))
+                except ValueError as exc:
+                    where = f" (trial {trial_name(trial)})" if trial else ""
+                    self.problem(path, f"{exc}{where}")
+                    break
         if stage.delay is None and stage.rate is None:
             self.problem(base, "a shape stage needs a delay or a rate; expected delay = \"10ms\" and/or "
                          "rate = \"100mbit\"")
@@ -887,6 +901,8 @@ class _Checker:
             regex = spec if isinstance(spec, str) else spec.regex
             regex_path = path if isinstance(spec, str) else (*path, "regex")
             names = [key]
+            if isinstance(spec, MetricSpec) and spec.expr is not None and (regex is not None or spec.json_path):
+                regex = None  # reported by _metric_spec; the value is the derived one
             if regex is not None:
                 try:
                     compiled = re.compile(regex)
@@ -909,22 +925,87 @@ class _Checker:
                         path,
                         f"metric '{name}' is produced twice (by metrics.{producer[name]} too); expected distinct names",
                     )
-                elif name in axes or name in BUILTIN_COLUMNS:
-                    what = "a grid axis" if name in axes else "a built-in column"
+                elif name in axes or name in BUILTIN_COLUMNS or name in RESERVED_COLUMNS:
+                    what = ("a grid axis" if name in axes else "a built-in column" if name in BUILTIN_COLUMNS
+                            else "a column benchfleet fills itself")
                     self.problem(
                         path, f"metric '{name}' has the name of {what}; expected a name distinct from the columns"
                     )
                 else:
                     producer[name] = key
                     self.metric_names.append(name)
+        derived = [k for k, spec in self.recipe.metrics.items() if isinstance(spec, MetricSpec) and spec.expr]
+        for key in derived:
+            spec = self.recipe.metrics[key]
+            assert isinstance(spec, MetricSpec) and spec.expr is not None
+            self._expr(("metrics", key, "expr"), key, spec, producer, derived)
+        if any(isinstance(spec, MetricSpec) and spec.missing for spec in self.recipe.metrics.values()):
+            self.metric_names.append(FAILED_CASE)
+
+    def _expr(self, path: FieldPath, key: str, spec: MetricSpec, producer: Mapping[str, str],
+              derived: Sequence[str]) -> None:
+        """A derived value reads metrics (derived ones defined before it), grid and trial values, variables,
+        and captures of stages that run before its own (`stage.key`)."""
+        assert spec.expr is not None
+        try:
+            formula = compile_expr(spec.expr)
+        except ExprError as exc:
+            self.problem(path, str(exc))
+            return
+        axes = {a for stage_axes in self.axes for a in stage_axes}
+        usable = [n for n in producer if n != key and (n not in derived or derived.index(n) < derived.index(key))]
+        plain = set(usable) | axes | self.trial_axes | set(self.recipe.variables)
+        index = self.stage_names.index(spec.stage) if spec.stage in self.stage_names else None
+        earlier = self.stage_names if index is None else self.stage_names[:index]
+        for name in formula.names:
+            head, dot, _ = name.partition(".")
+            if name == key:
+                self.problem(path, f"{spec.expr!r} reads its own value; expected other metrics")
+            elif name in derived and derived.index(name) > derived.index(key):
+                self.problem(path, f"'{name}' is a derived value defined after '{key}'; expected derived "
+                             "values in the order they use each other")
+            elif dot and head not in earlier:
+                where = f"stage '{head}' does not run before stage '{spec.stage}'" if head in self.stage_names \
+                    else f"no stage is named '{head}'"
+                self.problem(path, f"'{name}' reads a capture, but {where}; expected a capture of an earlier "
+                             f"stage ({', '.join(f'{s}.KEY' for s in earlier) or 'none'})")
+            elif not dot and name not in plain:
+                choices = sorted(plain)
+                self.problem(path, f"unknown name '{name}'{_suggest(name, choices)} in {spec.expr!r}; expected a "
+                             f"metric, grid or trial value, variable, or stage.key capture: {', '.join(choices)}")
+            else:
+                continue
+            return
 
     def _metric_spec(self, path: FieldPath, spec: MetricSpec) -> None:
-        if spec.regex is None and spec.json_path is None:
+        if spec.expr is not None:
+            if spec.regex is not None or spec.json_path is not None or spec.file is not None:
+                self.problem((*path, "expr"), "a derived value (expr) reads no output; expected no regex, json or "
+                             "file next to expr")
+            for name in ("missing", "types", "each"):
+                if name in spec.model_fields_set:
+                    self.problem((*path, name), f"{name} describes captured text and a derived value (expr) has "
+                                 "none; expected it only on regex or json metrics")
+            if spec.type == "str":
+                self.problem((*path, "type"), 'a derived value (expr) is a number; expected type = "float" or "int"')
+        elif spec.regex is None and spec.json_path is None:
             self.problem(
-                path, "the metric has neither regex nor json; expected regex = '...(value)...' or json = \"key\""
+                path, "the metric has neither regex nor json; expected regex = '...(value)...', json = \"key\" "
+                "or expr = \"a / b\""
             )
         elif spec.regex is not None and spec.json_path is not None:
             self.problem(path, "the metric has both regex and json; expected only one of them")
+        if spec.types:
+            groups = list(re.compile(spec.regex).groupindex) if spec.regex is not None and spec.json_path is None \
+                else []
+            for name in spec.types:
+                if name not in groups:
+                    expected = f"one of the regex's named groups: {', '.join(groups)}" if groups else \
+                        "a regex with named groups (?P<name>...) to type"
+                    self.problem((*path, "types", name), f"'{name}' is not a named group of this metric; "
+                                 f"expected {expected}")
+        if spec.each and "last" in spec.model_fields_set:
+            self.problem((*path, "last"), "each = true keeps every match as a row; expected no `last` with it")
         index: int | None = None
         if spec.stage is not None:
             if spec.stage not in self.stage_names:
@@ -946,7 +1027,9 @@ class _Checker:
     def _results_and_plots(self) -> None:
         results = self.recipe.results
         axes = list(dict.fromkeys([*sorted(self.trial_axes), *(a for stage_axes in self.axes for a in stage_axes)]))
-        known = [*axes, *self.metric_names, *(c for c in BUILTIN_COLUMNS if c not in axes)]
+        verdict = [VERDICT] if results.baseline else []
+        known = [*axes, *self.metric_names, *verdict, *(c for c in BUILTIN_COLUMNS if c not in axes)]
+        self._baseline(known)
         seen: set[str] = set()
         for j, column in enumerate(results.columns):
             path: FieldPath = ("results", "columns", j)
@@ -996,6 +1079,22 @@ class _Checker:
                         ("plot", i),
                         f"a {plot.kind} plot needs {' and '.join(needed)}; expected {field} = \"<column>\"",
                     )
+
+    def _baseline(self, known: Sequence[str]) -> None:
+        """Each expectation names a metric, a non-zero value (changes are relative to it) and known columns."""
+        for name, expected in self.recipe.results.baseline.items():
+            path: FieldPath = ("results", "baseline", name)
+            if name not in self.metric_names or name == FAILED_CASE:
+                metrics = [m for m in self.metric_names if m != FAILED_CASE]
+                self.problem(path, f"unknown metric '{name}'{_suggest(name, metrics)}; expected one of the "
+                             f"metrics: {', '.join(metrics) or '(none: add a [metrics] table)'}")
+            if expected.value == 0:
+                self.problem((*path, "value"), "an expected value of 0 has no relative change; expected a "
+                             "non-zero value")
+            for column in expected.where:
+                if column not in known:
+                    self.problem((*path, "where", column), f"unknown column '{column}'{_suggest(column, known)}; "
+                                 f"expected a grid axis, trial key, metric or built-in: {', '.join(known)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from remote.recipe import ResultsSpec
+from remote.recipe import Baseline, ResultsSpec
 
 BUILTIN_COLUMNS = (
     "task", "stage", "trial", "label", "host", "gpu", "state", "rc", "attempts", "duration", "started", "ended",
@@ -26,16 +26,110 @@ BUILTIN_COLUMNS = (
 DEFAULT_TRAILING_COLUMNS = ("stage", "state", "host", "gpu", "duration")
 """Built-ins shown after the grid axes and metrics when a recipe declares no columns."""
 
+FAILED_CASE = "failed_case"
+"""Column of recipes whose metrics have `missing` markers, listed after the metrics: true when a captured value was
+a marker (Alpa's -1.000), so a failed case reads as failed whatever the exit code; false when such a metric matched
+with real values; empty when it never matched."""
+VERDICT = "verdict"
+"""Column set when [results.baseline] is given: "ok", "regressed by N%", "improved by N%", "failed", "missing"."""
+RESERVED_COLUMNS = (FAILED_CASE, VERDICT)
+"""Columns benchfleet fills itself: no metric may be named like them."""
+MATCH_ROWS = "@rows"
+"""Key of a task's per-match rows (metrics with `each`) among its values; never a column (no metric name can
+start with "@"). `finish_rows` turns each entry into a row of its own."""
+
 
 class ResultsError(ValueError):
     """A results file that cannot be read; the message names the file."""
 
 
 def select_columns(spec: ResultsSpec, grid_axes: Sequence[str], metric_names: Sequence[str]) -> list[str]:
-    """The declared columns, or else grid axes, metrics, then stage, state, host, gpu, duration (no repeats)."""
+    """The declared columns, or else grid axes, metrics, the verdict (with a baseline), then stage, state, host,
+    gpu, duration (no repeats)."""
     if spec.columns:
         return list(spec.columns)
-    return list(dict.fromkeys([*grid_axes, *metric_names, *DEFAULT_TRAILING_COLUMNS]))
+    verdict = [VERDICT] if spec.baseline else []
+    return list(dict.fromkeys([*grid_axes, *metric_names, *verdict, *DEFAULT_TRAILING_COLUMNS]))
+
+
+def finish_rows(rows: Sequence[Mapping[str, object]], spec: ResultsSpec) -> list[dict[str, object]]:
+    """Rows as the results table shows them: a task with per-match rows (`each` metrics) becomes one row per
+    match, carrying the task's other values; then each row gets its verdict against `spec.baseline`. The
+    input rows are not changed."""
+    out: list[dict[str, object]] = []
+    for row in rows:
+        base = {k: v for k, v in row.items() if k != MATCH_ROWS}
+        matches = row.get(MATCH_ROWS)
+        if isinstance(matches, list) and matches:
+            for match in matches:
+                if isinstance(match, dict):
+                    expanded = {**base, **match}
+                    if base.get(FAILED_CASE) is True:  # a marker outside the rows fails every row of the task
+                        expanded[FAILED_CASE] = True
+                    out.append(expanded)
+        else:
+            out.append(base)
+    if spec.baseline:
+        for row in out:
+            row[VERDICT] = verdict(row, spec.baseline)
+    return out
+
+
+def verdict(row: Mapping[str, object], baseline: Mapping[str, Baseline]) -> str | None:
+    """How `row` compares with the expectations that apply to it (by their `where`). None when none apply or
+    the task is not finished; "failed" for a failed or cancelled task or a failed case. One expectation gives
+    "ok", "regressed by 12%", "improved by 12%" or "missing"; several give "ok" when all are, else each part
+    prefixed by its metric ("mean_time regressed by 12%; tflops ok")."""
+    applicable = {name: b for name, b in baseline.items() if _matches(row, b.where)}
+    state = row.get("state")
+    if not applicable:
+        return None
+    if state in ("failed", "cancelled") or row.get(FAILED_CASE) is True:
+        return "failed"
+    if state not in (None, "done"):
+        return None
+    parts = [(name, _judge(row.get(name), b)) for name, b in applicable.items()]
+    if len(parts) == 1:
+        return parts[0][1]
+    if all(text == "ok" for _, text in parts):
+        return "ok"
+    return "; ".join(f"{name} {text}" for name, text in parts)
+
+
+def _matches(row: Mapping[str, object], where: Mapping[str, object]) -> bool:
+    return all(_same(row.get(column), wanted) for column, wanted in where.items())
+
+
+def _same(value: object, wanted: object) -> bool:
+    """Numbers compare as numbers (8 == 8.0), booleans as booleans, anything else as text."""
+    if value is None:
+        return False
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted
+    a, b = _as_number(value), _as_number(wanted)
+    if a is not None and b is not None:
+        return a == b
+    return str(value) == str(wanted)
+
+
+def _judge(value: object, expected: Baseline) -> str:
+    number = _as_number(value)
+    if number is None or isinstance(value, bool):
+        return "missing"
+    change = (number - expected.value) / abs(expected.value)
+    worse = change > expected.tolerance if expected.better == "lower" else change < -expected.tolerance
+    better = change < -expected.tolerance if expected.better == "lower" else change > expected.tolerance
+    if worse:
+        return f"regressed by {_percent(change)}"
+    if better:
+        return f"improved by {_percent(change)}"
+    return "ok"
+
+
+def _percent(change: float) -> str:
+    """12.06% -> "12%", 5.34% -> "5.3%": whole percents once the change is large enough to read so."""
+    p = abs(change) * 100
+    return f"{p:.0f}%" if p >= 10 else f"{p:.1f}%"
 
 
 def _as_number(value: object) -> int | float | None:
@@ -131,8 +225,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def write_results(
     run_dir: Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str], spec: ResultsSpec
 ) -> tuple[Path, Path]:
-    """Sort `rows` by `spec.sort` and write results.csv (formatted by `spec.format`) and results.json (typed)."""
-    table = sort_rows([{c: row.get(c) for c in columns} for row in rows], spec.sort)
+    """Expand per-match rows and add verdicts (`finish_rows`), sort by `spec.sort`, and write results.csv
+    (formatted by `spec.format`) and results.json (typed)."""
+    table = sort_rows([{c: row.get(c) for c in columns} for row in finish_rows(rows, spec)], spec.sort)
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

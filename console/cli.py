@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from console.headless import HeadlessPrinter
+from console.plot_export import export_plots
 from remote.engine import Engine, EngineError, EngineOptions, discover_slots, make_transport
 from remote.journal import Journal
 from remote.plan import Plan, build_plan, effective_hosts
 from remote.recipe import QueueStage
 from remote.recipe_loader import LoadedRecipe, RecipeError, load_recipe
+from remote.results import read_results_json
 from remote.rundir import RunDir, RunDirError, default_run_dir, prepare
 from remote.slots import Slot, SlotError, declared_slots
 from remote.testbed import TestbedError, testbed_down, testbed_up
@@ -168,6 +170,7 @@ async def _run_headless(loaded: LoadedRecipe, rd: RunDir, *, resume: bool, optio
         if engine_child:
             (rd.path / "engine.pid").unlink(missing_ok=True)
     print_summary(engine, finished.counts, finished.results_csv)
+    _export_plots(rd, loaded)
     if finished.interrupted:
         print(f"interrupted; continue with: benchfleet --recipe {loaded.path} --run-dir {rd.path} --resume")
         return EXIT_INTERRUPTED
@@ -235,6 +238,7 @@ def _console_run(recipe: Path, ns: argparse.Namespace) -> int:
         return _fail(app.engine_error, EXIT_RUN)
     if app.engine_result is not None:
         print_summary(engine, app.engine_result.counts, app.engine_result.results_csv)
+        _export_plots(engine.rd, engine.loaded)
         if app.engine_result.interrupted:
             print(f"interrupted; continue with: benchfleet {loaded.path} --run-dir {rd.path} --resume")
     return result if result is not None else EXIT_OK
@@ -267,11 +271,28 @@ def _console_picker() -> int:
     code = app.run()
     if app.engine is not None and app.engine_result is not None:
         print_summary(app.engine, app.engine_result.counts, app.engine_result.results_csv)
+        _export_plots(app.engine.rd, app.engine.loaded)
         if app.engine_result.interrupted:
             print(f"interrupted; continue with: {app.resume_command()}")
     if app.engine_error is not None:
         return _fail(app.engine_error, EXIT_RUN)
     return code if code is not None else EXIT_OK
+
+
+def _export_plots(rd: RunDir, loaded: LoadedRecipe) -> None:
+    """The recipe's plots as text (and PNG with matplotlib) in the run directory, from results.json."""
+    if not loaded.recipe.plot or not rd.results_json.exists():
+        return
+    try:
+        rows = read_results_json(rd.results_json)
+    except (OSError, ValueError) as exc:
+        print(f"benchfleet: plots not written: {exc}", file=sys.stderr)
+        return
+    written = export_plots(rd.path, loaded.recipe.plot, rows)
+    if written:
+        pngs = sum(1 for p in written if p.suffix == ".png")
+        extra = "" if pngs else " (install matplotlib, `pip install 'benchfleet[plots]'`, for PNG files too)"
+        print(f"plots: {rd.path / 'plots'} ({len(written) - pngs} text, {pngs} PNG){extra}")
 
 
 # -- check ------------------------------------------------------------------------------------------------------

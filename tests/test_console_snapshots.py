@@ -8,6 +8,7 @@ is reproducible. After an intended change, regenerate the goldens and review the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import textwrap
@@ -144,7 +145,7 @@ def assert_snapshot(name: str, text: str) -> None:
         return
     expected = golden.read_text()
     if actual != expected:
-        pairs = zip(expected.splitlines(), actual.splitlines(), strict=False)
+        pairs = itertools.zip_longest(expected.splitlines(), actual.splitlines(), fillvalue="")
         diff = "\n".join(f"- {e}\n+ {a}" for e, a in pairs if e != a)
         pytest.fail(f"{name}: the screen differs from {golden} (BENCHFLEET_UPDATE_SNAPSHOTS=1 accepts it):\n"
                     f"{diff}")
@@ -199,5 +200,8 @@ async def test_picker_80x24(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(tmp_path)
     app = BenchfleetApp(None, clock=lambda: T0 + NOW)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: "quickstart-20250615" in screen_text(app), "the picker's lists")
+        # Both lists fill in the background: wait for the recipes (with the broken one's error) and the runs.
+        await until(pilot, lambda: all(s in screen_text(app) for s in ("quickstart-20250615", "unknown placeholder",
+                                                                        "ReDrafter-style beam grid")),
+                    "the picker's lists")
         assert_snapshot("picker_80x24", screen_text(app))

@@ -25,7 +25,7 @@ from remote.procfs import group_members, is_alive
 from remote.recipe_loader import load_recipe
 from remote.stages.pipeline import split_layers
 from remote.testbed import Testbed, TestbedError, TestbedHost, testbed_down, testbed_up
-from tests.conftest import REPO, cli, cli_popen, run_engine
+from tests.conftest import REPO, cli, cli_popen, free_ports, run_engine
 
 Writer = Callable[..., Path]
 BIN = Path(sys.executable).parent
@@ -344,22 +344,6 @@ command = "sleep 60"
 # -- pipeline ----------------------------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free ports from it (the planner counts ports up per host)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + count > 65535:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 INFO = """import json, sys, urllib.request

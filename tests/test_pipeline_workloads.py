@@ -19,6 +19,7 @@ from recipes.workloads import deserve_worker
 from remote.slots import declared_slots
 from remote.stages.pipeline import WorkerPlan, plan_pipeline
 from remote.template import render_argv
+from tests.conftest import free_ports
 
 WORKLOADS = Path(__file__).resolve().parent.parent / "recipes" / "workloads"
 WORKER, CLIENT = WORKLOADS / "deserve_worker.py", WORKLOADS / "deserve_client.py"
@@ -34,23 +35,6 @@ REPORT_LINE = re.compile(
 )
 
 
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free ports from it (the plan counts ports up per host)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from remote.procfs import is_alive
 from remote.recipe import Baseline, MetricSpec, QueueStage, Recipe, ResultsSpec
 from remote.recipe_loader import LoadedRecipe, RecipeError, load_recipe
 from remote.results import FAILED_CASE, MATCH_ROWS, finish_rows, select_columns, verdict, write_results
-from tests.conftest import REPO, cli, run_engine
+from tests.conftest import REPO, cli, free_port, run_engine
 
 Writer = Callable[..., Path]
 GOLDEN = REPO / "tests" / "golden"
@@ -329,10 +328,6 @@ def test_check_petals_swarm_as_shipped() -> None:
 # -- the local variants, end to end ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def local_copy(name: str, tmp_path: Path, replacements: dict[str, str]) -> Path:

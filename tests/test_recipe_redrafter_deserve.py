@@ -4,7 +4,6 @@ two-host recipes validate and plan a queue or a worker per GPU of two 8-GPU host
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -19,7 +18,7 @@ from remote.plan import build_plan
 from remote.recipe_loader import load_recipe
 from remote.slots import declared_slots
 from remote.stages.pipeline import split_layers
-from tests.conftest import REPO, cli, run_engine
+from tests.conftest import REPO, cli, free_ports, run_engine
 
 RECIPES = REPO / "recipes"
 REDRAFTER = RECIPES / "redrafter-beam-grid.toml"
@@ -44,22 +43,6 @@ def cells(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split(",")] for line in text.splitlines()]
 
 
-def free_port_run(count: int) -> int:
-    """A base port with `count` consecutive free ports from it."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 # -- ReDrafter -------------------------------------------------------------------------------------------
@@ -166,7 +149,7 @@ def test_local_deserve_pipeline_serves_every_client_cell(tmp_path: Path) -> None
     # a recipes/local/ copy whose ../workloads is the real one.
     (tmp_path / "recipes" / "local").mkdir(parents=True)
     (tmp_path / "recipes" / "workloads").symlink_to(RECIPES / "workloads")
-    base, controller = free_port_run(3), free_port_run(1)
+    base, controller = free_ports(3), free_ports(1)
     text = DESERVE_LOCAL.read_text()
     text, n1 = re.subn(r"(?m)^base_port = \d+", f"base_port = {base}", text)
     text, n2 = re.subn(r"(?m)^controller_port = \d+", f"controller_port = {controller}", text)

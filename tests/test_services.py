@@ -19,16 +19,12 @@ from remote.plan import build_plan
 from remote.procfs import is_alive
 from remote.recipe_loader import RecipeError, load_recipe
 from remote.slots import declared_slots
-from tests.conftest import REPO, cli, cli_popen, run_engine
+from tests.conftest import REPO, cli, cli_popen, free_port, run_engine
 
 Writer = Callable[..., Path]
 SERVICE = REPO / "tests" / "workloads" / "tiny_service.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _service_pids(run: Path) -> list[int]:

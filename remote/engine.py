@@ -788,7 +788,7 @@ class Engine:
             values = {**runtime_values(slot, attempt=1, task_id=task.id, run_dir=self.rd.path.resolve(),
                                        python=self._python_for(host)),
                       **self.loaded.recipe.variables, **stage.trial_values, **self._captures(),
-                      "recipe_dir": str(self.plan_recipe_dir())}
+                      "recipe_dir": str(self.plan.recipe_dir)}
             workdir = self.plan.hosts[host].workdir or transport.default_workdir()
             extractor = TaskExtractor(self._metrics, stage.name, done=None, progress=None)
             fetched: dict[str, bytes] = {}
@@ -1093,7 +1093,7 @@ class Engine:
         await self._finalize(attempt, state, queues)
 
     async def _finalize(self, attempt: _Attempt, proc: ProcState, queues: SlotQueues) -> None:
-        assert self.journal is not None
+        assert self.journal is not None and self.plan is not None
         task = attempt.task
         spec = attempt.stage.spec
         lines = attempt.splitter.flush()
@@ -1105,7 +1105,7 @@ class Engine:
         for path_template, _what in ex.file_metrics():
             values = {**runtime_values(attempt.slot, attempt=attempt.number, task_id=task.id,
                                        run_dir=self.rd.path.resolve(), python="python3"),
-                      **self.loaded.recipe.variables, "recipe_dir": str(self.plan_recipe_dir()), **task.values}
+                      **self.loaded.recipe.variables, "recipe_dir": str(self.plan.recipe_dir), **task.values}
             path = render(path_template, values)
             data = await attempt.transport.read_file(path, attempt.transport.default_workdir(), RESULT_FILE_LIMIT)
             if data is not None:
@@ -1171,9 +1171,6 @@ class Engine:
             self._note("error", f"stage {task.stage}: halt rule {rule!r} reached "
                                 "after this failure; no new tasks will start")
         self._write_results(force=False)
-
-    def plan_recipe_dir(self) -> Path:
-        return self.loaded.path.resolve().parent
 
     # -- monitoring ---------------------------------------------------------------------------------------------
 

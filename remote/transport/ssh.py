@@ -22,15 +22,18 @@ import os
 import secrets
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 
 from remote.aio import within
 from remote.transport.base import CommandResult, ConnectionLost, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.wrapper import WRAPPER_NAME, WRAPPER_SCRIPT, env_file_text, parse_rc
+
+T = TypeVar("T")
 
 KEEPALIVE_INTERVAL = 5.0
 KEEPALIVE_COUNT_MAX = 2
@@ -309,16 +312,16 @@ class SSHTransport(Transport):
 
     async def _sh(self, script: str) -> tuple[int, bytes]:
         ctl = await self._control()
-        try:
-            return await ctl.run(script, timeout=self._op_timeout)
-        except (OSError, asyncssh.Error, TimeoutError, asyncio.IncompleteReadError, BrokenPipeError) as exc:
-            self._drop()
-            raise ConnectionLost(describe_error(self.host, self.target_text, exc)) from None
+        return await self._guarded(ctl.run(script, timeout=self._op_timeout))
 
     async def _sh_sized(self, script: str) -> bytes | None:
         ctl = await self._control()
+        return await self._guarded(ctl.read_sized(script, timeout=self._op_timeout))
+
+    async def _guarded(self, operation: Awaitable[T]) -> T:
+        """Await a control-shell operation; any failure of the link drops the connection and is ConnectionLost."""
         try:
-            return await ctl.read_sized(script, timeout=self._op_timeout)
+            return await operation
         except (OSError, asyncssh.Error, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             self._drop()
             raise ConnectionLost(describe_error(self.host, self.target_text, exc)) from None

@@ -33,9 +33,6 @@ from remote.transport.base import HostError
 
 EXIT_OK, EXIT_FAILED, EXIT_RECIPE, EXIT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-SUBCOMMANDS = ("check", "testbed", "trust", "attach")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `benchfleet` console script."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -86,14 +86,6 @@ class SlotQueues:
             halted_now = True
         return Outcome(state="failed", halted_now=halted_now)
 
-    def requeue_front(self, task: TaskPlan) -> None:
-        """Put an interrupted (not failed) task back at the head of its queue; its attempt does not count."""
-        self._attempts[task.id] = max(0, self._attempts.get(task.id, 1) - 1)
-        if task.pinned_slot is not None and task.pinned_slot in self._pinned:
-            self._pinned[task.pinned_slot].appendleft(task)
-        else:
-            self._shared.appendleft(task)
-
     def add(self, task: TaskPlan) -> None:
         """Queue a task again (a retry someone asked for); it gets a fresh retry budget."""
         self._attempts[task.id] = 0

@@ -14,21 +14,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from console.rundata import HeatmapData, Series, heatmap_data, series_data
+from console.rundata import HeatmapData, Series, heatmap_data, plot_title, series_data, x_label
 from remote.plan import safe_name
 from remote.recipe import PlotSpec
 from remote.rundir import write_private
 
 SHADES = " ░▒▓█"
-
-
-def plot_title(spec: PlotSpec) -> str:
-    """The plot's title, or one made from its axes."""
-    if spec.title:
-        return spec.title
-    if spec.kind == "heatmap":
-        return f"{spec.value} over {spec.x} x {spec.y}"
-    return f"{spec.y or spec.value} over {spec.x}"
+TEXT_MARKERS = ("•", "+", "x", "o", "*", "#", "@", "%")
+"""Markers of the lines of a text plot with several series (one line alone is drawn in braille dots)."""
 
 
 def heatmap_text(title: str, data: HeatmapData, spec: PlotSpec) -> str:
@@ -61,7 +54,7 @@ def series_text(title: str, series: Sequence[Series], spec: PlotSpec, *, width: 
     plotext.plotsize(width, height)
     plotext.theme("clear")
     plotext.title(title)
-    plotext.xlabel(spec.x)
+    plotext.xlabel(x_label(spec))
     plotext.ylabel(spec.y or spec.value or "")
     if spec.kind == "bar" and series:
         labels = [str(x) for x in series[0].xs]
@@ -70,13 +63,15 @@ def series_text(title: str, series: Sequence[Series], spec: PlotSpec, *, width: 
         else:
             plotext.multiple_bar(labels, [list(s.ys) for s in series], labels=[s.name for s in series])
     else:
-        for s in series:
+        for n, s in enumerate(series):
             numeric = all(isinstance(x, int | float) for x in s.xs)
             xs = list(s.xs) if numeric else list(range(len(s.xs)))
-            plotext.plot(xs, list(s.ys), label=s.name, marker="braille")
-    text: str = plotext.build()
+            # A text file has no colours: several lines get a character each so they stay apart.
+            marker = "braille" if len(series) == 1 else TEXT_MARKERS[n % len(TEXT_MARKERS)]
+            plotext.plot(xs, list(s.ys), label=s.name, marker=marker)
+    text: str = plotext.uncolorize(plotext.build())
     plotext.clear_figure()
-    return text + "\n"
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
 def _png(path: Path, title: str, spec: PlotSpec, heat: HeatmapData | None, series: Sequence[Series]) -> bool:
@@ -111,9 +106,9 @@ def _png(path: Path, title: str, spec: PlotSpec, heat: HeatmapData | None, serie
         for s in series:
             xs: list[float] | list[str] = ([float(x) for x in s.xs if isinstance(x, int | float)]
                                            if all(isinstance(x, int | float) for x in s.xs) else [str(x) for x in s.xs])
-            ax.plot(xs, list(s.ys), marker="o", label=s.name)
+            ax.plot(xs, list(s.ys), marker="o" if len(s.ys) <= 40 else None, label=s.name)
     ax.set_title(title)
-    ax.set_xlabel(spec.x)
+    ax.set_xlabel(x_label(spec))
     ax.set_ylabel(spec.y or spec.value or "")
     if heat is None and len(series) > 1:
         ax.legend()
@@ -138,6 +133,11 @@ def export_plots(run_dir: Path, plots: Sequence[PlotSpec], rows: Sequence[Mappin
         stem = f"{n}-{safe_name(title)[:60]}"
         heat = heatmap_data(rows, spec) if spec.kind == "heatmap" else None
         series = series_data(rows, spec) if heat is None else []
+        if heat is None and not series:
+            # Nothing to draw (a monitor turned off, every value missing): say so instead of an empty frame.
+            write_private(folder / f"{stem}.txt", f"{title}\nno values of {spec.y or spec.value} in the results\n")
+            written.append(folder / f"{stem}.txt")
+            continue
         text = heatmap_text(title, heat, spec) if heat is not None else series_text(title, series, spec)
         txt = folder / f"{stem}.txt"
         write_private(txt, text)

@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -764,12 +764,12 @@ def heatmap_data(rows: Sequence[Mapping[str, object]], spec: PlotSpec,
     """Cells of a heatmap plot from result rows (rows without a numeric value are left out); `axes` (all
     values of each grid axis) adds the cells no result covers yet."""
     value_col = spec.value or ""
-    y_col = spec.y or ""
+    x_col, y_col = spec.x or "", spec.y or ""
     cells: dict[tuple[object, object], float] = {}
     xs: list[object] = []
     ys: list[object] = []
     for row in rows:
-        x, y, v = row.get(spec.x), row.get(y_col), _number(row.get(value_col))
+        x, y, v = row.get(x_col), row.get(y_col), _number(row.get(value_col))
         if x is None or y is None:
             continue
         xs.append(x)
@@ -777,13 +777,34 @@ def heatmap_data(rows: Sequence[Mapping[str, object]], spec: PlotSpec,
         if v is not None:
             cells[(x, y)] = v
     if axes:
-        xs.extend(axes.get(spec.x, ()))
+        xs.extend(axes.get(x_col, ()))
         ys.extend(axes.get(y_col, ()))
     return HeatmapData(xs=_axis(xs), ys=_axis(ys), cells=cells)
 
 
+def plot_title(spec: PlotSpec) -> str:
+    """The recipe's title, or one derived from the axes."""
+    if spec.title:
+        return spec.title
+    if spec.kind == "heatmap":
+        return f"{spec.value} over {spec.x} x {spec.y}"
+    return f"{spec.y or spec.value} by {x_label(spec)}" + (f" per {spec.group}" if spec.group else "")
+
+
+def x_label(spec: PlotSpec) -> str:
+    """The x axis's label: `xlabel`, else the x column; a list metric's line runs over "item" (times its step)."""
+    if spec.xlabel:
+        return spec.xlabel
+    if spec.x is not None:
+        return spec.x
+    return "item" if spec.step is None else f"item x {spec.step}"
+
+
 def series_data(rows: Sequence[Mapping[str, object]], spec: PlotSpec) -> list[Series]:
-    """Line/bar series: y (or value) over x, one series per distinct `group` value."""
+    """Line/bar series: y (or value) over x, one series per distinct `group` value. A line without x draws a
+    list metric: one series per row, over its items (see `list_series`)."""
+    if spec.x is None:
+        return list_series(rows, spec)
     y_col = spec.y or spec.value or ""
     groups: dict[str, list[tuple[object, float]]] = {}
     for row in rows:
@@ -799,6 +820,39 @@ def series_data(rows: Sequence[Mapping[str, object]], spec: PlotSpec) -> list[Se
         for x, y in points:
             last[x] = y
         out.append(Series(name=name, xs=order, ys=tuple(last[x] for x in order)))
+    return out
+
+
+def list_series(rows: Sequence[Mapping[str, object]], spec: PlotSpec) -> list[Series]:
+    """One line per row holding a list in y (PACE's time_per_tokens, cpu_usage): item k (from 0) at x = k + 1,
+    or at k * step with a `step` (a number, or the row's value of a column such as the sampling interval; a row
+    without a numeric step has no line). Lines are named by `group`, else the trial, else the task label; rows
+    sharing a name get their host, then a count, so no line hides another."""
+    y_col = spec.y or ""
+    lines: list[tuple[str, object, tuple[object, ...], tuple[float, ...]]] = []
+    for row in rows:
+        values = row.get(y_col)
+        if not isinstance(values, list) or not values:
+            continue
+        ys = tuple(y for y in (_number(v) for v in values) if y is not None)
+        if len(ys) != len(values):
+            continue
+        if spec.step is None:
+            xs: tuple[object, ...] = tuple(range(1, len(ys) + 1))
+        else:
+            step = _number(row.get(spec.step)) if isinstance(spec.step, str) else spec.step
+            if step is None or step <= 0:
+                continue
+            xs = tuple(round(k * step, 9) for k in range(len(ys)))
+        name = str(row.get(spec.group) if spec.group else row.get("trial") or row.get("label") or y_col)
+        lines.append((name, row.get("host"), xs, ys))
+    shared = Counter(name for name, _, _, _ in lines)
+    named = [f"{name} @ {host}" if shared[name] > 1 and host else name for name, host, _, _ in lines]
+    seen: Counter[str] = Counter()
+    out: list[Series] = []
+    for name, (_, _, xs, ys) in zip(named, lines, strict=True):
+        seen[name] += 1
+        out.append(Series(name=name if named.count(name) == 1 else f"{name} #{seen[name]}", xs=xs, ys=ys))
     return out
 
 
@@ -845,6 +899,11 @@ def format_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    if isinstance(value, list):
+        numbers = [v for v in value if isinstance(v, int | float)]
+        if len(numbers) == len(value) and numbers:
+            return f"[{len(numbers)}] mean {format_value(sum(numbers) / len(numbers))}"
+        return f"[{len(value)}]"
     return str(value)
 
 

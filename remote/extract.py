@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from remote.recipe import MetricSpec, Recipe, Scalar
 from remote.results import FAILED_CASE, MATCH_ROWS, RESERVED_COLUMNS
 
+Value = Scalar | list[float]
+"""A metric value: a scalar, or a list of numbers for `type = "list"`."""
+
 MAX_LINE_CHARS = 1 << 20
 """A line longer than this is cut into pieces, so output without line ends cannot grow a buffer without bound."""
 
@@ -82,6 +85,8 @@ class Formula:
             if raw is None:
                 return None
             number: object = typed(raw, "float") if isinstance(raw, str) else raw  # captures may be text ("8")
+            if isinstance(number, list):
+                raise ExprError(f"{name} is a list of {len(number)} numbers, not a number")
             if isinstance(number, bool) or not isinstance(number, int | float):
                 raise ExprError(f"{name} = {raw!r} is not a number")
             inputs[name] = float(number)
@@ -234,15 +239,22 @@ class LineSplitter:
         return False
 
 
-def typed(text: str, kind: str) -> Scalar | None:
-    """`text` as the metric type `kind` ("int", "float", "str"), or None when it does not read as one.
+def typed(text: str, kind: str) -> Value | None:
+    """`text` as the metric type `kind` ("int", "float", "str", "list"), or None when it does not read as one.
 
     Strict on purpose: "2.649B" is not a float and "8.0" not an int, and nan/inf are refused, so a wrong regex
-    shows up as a missing value instead of a guessed one.
+    shows up as a missing value instead of a guessed one. A list is a JSON array of finite numbers ("[0.1, 2]",
+    which is also how Python prints a list of floats).
     """
     if kind == "str":
         return text
     stripped = text.strip()
+    if kind == "list":
+        try:
+            doc = json.loads(stripped)
+        except ValueError:
+            return None
+        return number_list(doc)
     if kind == "int":
         return int(stripped) if _INT.fullmatch(stripped) else None
     if kind == "float":
@@ -250,13 +262,29 @@ def typed(text: str, kind: str) -> Scalar | None:
             return None
         value = float(stripped)
         return value if math.isfinite(value) else None
-    raise ValueError(f"unknown metric type {kind!r}; expected int, float or str")
+    raise ValueError(f"unknown metric type {kind!r}; expected int, float, str or list")
 
 
-def _typed_json(value: object, kind: str) -> Scalar | None:
-    """A JSON value as the metric type: numbers stay numbers, strings are read like log text."""
+def number_list(doc: object) -> list[float] | None:
+    """A JSON array of finite numbers as floats; None for anything else (a bool, a string or null inside
+    included), so one bad item makes the whole value missing rather than silently shorter."""
+    if not isinstance(doc, list):
+        return None
+    out: list[float] = []
+    for item in doc:
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
+            return None
+        out.append(float(item))
+    return out
+
+
+def _typed_json(value: object, kind: str) -> Value | None:
+    """A JSON value as the metric type: numbers stay numbers, arrays of numbers are lists, strings are read like
+    log text."""
     if isinstance(value, str):
         return typed(value, kind)
+    if kind == "list":
+        return number_list(value)
     if kind == "str":
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -356,7 +384,7 @@ def _compile_derived(key: str, spec: MetricSpec) -> Metric:
         raise MetricError(f"{where}: `expr` computes the value from others; drop regex, json and file")
     if spec.missing or spec.types or spec.each:
         raise MetricError(f"{where}: missing, types and each describe captured text; a derived value has none")
-    if spec.type == "str":
+    if spec.type in ("str", "list"):
         raise MetricError(f'{where}: a derived value is a number; expected type = "float" or "int"')
     try:
         formula = compile_expr(spec.expr)
@@ -431,7 +459,7 @@ class TaskExtractor:
             ("done", "total") if {"done", "total"} <= set(self._progress.groupindex) else (1, 2)
         )
         self.values: dict[str, object] = {}
-        self.rows: list[dict[str, Scalar | None]] = []
+        self.rows: list[dict[str, Value | None]] = []
         """One dict per match of the `each` metrics (also under values[MATCH_ROWS] once there is one)."""
         self.conversion_errors: list[str] = []
         self.done_seen = False
@@ -555,7 +583,7 @@ class TaskExtractor:
         m = metric.regex.search(line)
         if m is None:
             return False
-        found: list[tuple[str, str, Scalar | None]] = []
+        found: list[tuple[str, str, Value | None]] = []
         for name, group in zip(metric.names, metric.groups, strict=True):
             text = m.group(group)
             if text is not None:
@@ -575,7 +603,7 @@ class TaskExtractor:
         shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         return self._take(metric, [(name, shown, _typed_json(value, metric.kind_of(name)))])
 
-    def _take(self, metric: Metric, found: list[tuple[str, str, Scalar | None]]) -> bool:
+    def _take(self, metric: Metric, found: list[tuple[str, str, Value | None]]) -> bool:
         """Record one match's values: into the task's values, or into a row for `each` metrics."""
         if not found:
             return False
@@ -587,7 +615,7 @@ class TaskExtractor:
             changed |= self._record(metric, name, text, value)
         return changed
 
-    def _take_row(self, metric: Metric, found: list[tuple[str, str, Scalar | None]]) -> None:
+    def _take_row(self, metric: Metric, found: list[tuple[str, str, Value | None]]) -> None:
         """A match continues the current row unless one of its values is already there: then it opens a row."""
         if not self.rows or any(name in self.rows[-1] for name, _, _ in found):
             self.rows.append({})
@@ -604,7 +632,7 @@ class TaskExtractor:
                 self._conversion_error(metric, name, text)
             row[name] = value
 
-    def _record(self, metric: Metric, name: str, text: str, value: Scalar | None) -> bool:
+    def _record(self, metric: Metric, name: str, text: str, value: Value | None) -> bool:
         """Keep `value` under `name` by the metric's first/last rule; a failed conversion or a `missing`
         marker leaves it missing (the marker also sets failed_case)."""
         if not metric.spec.last:
@@ -628,7 +656,11 @@ class TaskExtractor:
 
     def _conversion_error(self, metric: Metric, name: str, text: str) -> None:
         kind = metric.kind_of(name)
-        self._error(f"{name}: {text[:80]!r} is not {'an' if kind == 'int' else 'a'} {kind}")
+        if kind == "list":
+            self._error(f"{name}: {text[:80]!r} is not a list of numbers")
+            return
+        hint = '; a list needs type = "list"' if text.lstrip().startswith("[") else ""
+        self._error(f"{name}: {text[:80]!r} is not {'an' if kind == 'int' else 'a'} {kind}{hint}")
 
     def _error(self, message: str) -> None:
         if len(self.conversion_errors) < MAX_CONVERSION_ERRORS:

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Scalar = str | int | float | bool
+MetricType = Literal["float", "int", "str", "list"]
+"""How a metric's captured text is typed; `list` is a list of numbers."""
 """A variable or grid value as TOML gives it."""
 
 GridAxis = str | list[Scalar]
@@ -93,11 +95,13 @@ class MetricSpec(_Strict):
     when `json` is set, else scanned line by line with `regex`."""
     stage: str | None = None
     """Restrict the metric to one stage's tasks (default: every task)."""
-    type: Literal["float", "int", "str"] = "float"
-    """How the captured text is typed; a value that does not convert is recorded as missing, never guessed."""
+    type: MetricType = "float"
+    """How the captured text is typed; a value that does not convert is recorded as missing, never guessed.
+    `list` is a list of numbers: a JSON array (PACE's `time_per_tokens`), or captured text such as
+    `[0.1, 0.2]`; it is drawn by a line plot (one line per row) and written to results.csv as JSON."""
     last: bool = True
     """With several matches, keep the last one (true) or the first one (false). Ignored with `each`."""
-    types: dict[str, Literal["float", "int", "str"]] = Field(default_factory=dict)
+    types: dict[str, MetricType] = Field(default_factory=dict)
     """Per named group, a type overriding `type` (Alpa's result line: `model_config = "str"`, `gpus = "int"`,
     the rest floats), so one regex can read a whole line of mixed fields."""
     missing: list[str] = Field(default_factory=list)
@@ -410,14 +414,21 @@ class PlotSpec(_Strict):
     kind: Literal["heatmap", "line", "bar"]
     title: str | None = None
     """Title shown above the plot (default: derived from the axes)."""
-    x: str
-    """Column on the x axis."""
+    x: str | None = None
+    """Column on the x axis. Left out for a line of a list metric (`type = "list"`): each row is then a line
+    over its items' positions (1, 2, ...), or over time with `step`."""
     y: str | None = None
     """Column on the y axis (heatmap: the second grid axis; line/bar: the value)."""
     value: str | None = None
     """Heatmap cell value column."""
     group: str | None = None
-    """Column splitting line/bar series (one series per distinct value)."""
+    """Column splitting line/bar series (one series per distinct value); for a list metric, the column naming
+    each row's line (default: the trial, else the task label)."""
+    step: Annotated[float, Field(gt=0)] | str | None = None
+    """For a line of a list metric: the x distance between items, a number or a numeric column (PACE's
+    sampling `interval`), so the line runs over 0, step, 2*step... instead of positions 1, 2, ..."""
+    xlabel: str | None = None
+    """Label of the x axis (default: the x column; for a list metric "item", or "item x STEP" with a step)."""
 
 
 class Recipe(_Strict):

@@ -27,6 +27,7 @@ from remote.recipe import (
     NAME_PATTERN,
     FetchStage,
     MetricSpec,
+    PlotSpec,
     QueueStage,
     Recipe,
     Scalar,
@@ -278,12 +279,15 @@ _EXPECT: dict[str, str] = {
     "results.format": 'a table of printf formats, e.g. format = { tokens_per_sec = "%.2f" }',
     "results.format.*": 'a printf format like "%f"',
     "plot": "[[plot]] blocks",
-    "plot[]": "a [[plot]] table with kind, x, y, value, group, title",
+    "plot[]": "a [[plot]] table with kind, x, y, value, group, title, step, xlabel",
+    "plot[].kind": '"heatmap", "line" or "bar"',
     "plot[].title": "a string",
     "plot[].x": "a column name",
     "plot[].y": "a column name",
     "plot[].value": "a column name",
     "plot[].group": "a column name",
+    "plot[].step": "a positive number or a numeric column (the x distance between a list's items)",
+    "plot[].xlabel": "a string",
 }
 
 _TYPE_EXPECT: dict[str, str] = {
@@ -524,6 +528,8 @@ class _Checker:
         self.grids: dict[str, list[dict[str, Scalar]]] = {}
         self.axes: list[list[str]] = [list(s.grid) if isinstance(s, QueueStage) else [] for s in recipe.stage]
         self.metric_names: list[str] = []
+        self.list_metrics: set[str] = set()
+        """Values of `type = "list"`: lists of numbers, drawn only as lines over their items."""
         self.trial_axes: set[str] = set(recipe.matrix) | {k for t in recipe.trial for k in t}
         self.trials: list[dict[str, Scalar]] = [{}]
 
@@ -934,6 +940,8 @@ class _Checker:
                 else:
                     producer[name] = key
                     self.metric_names.append(name)
+                    if isinstance(spec, MetricSpec) and spec.types.get(name, spec.type) == "list":
+                        self.list_metrics.add(name)
         derived = [k for k, spec in self.recipe.metrics.items() if isinstance(spec, MetricSpec) and spec.expr]
         for key in derived:
             spec = self.recipe.metrics[key]
@@ -961,6 +969,9 @@ class _Checker:
             head, dot, _ = name.partition(".")
             if name == key:
                 self.problem(path, f"{spec.expr!r} reads its own value; expected other metrics")
+            elif name in self.list_metrics:
+                self.problem(path, f"'{name}' is a list metric (type = \"list\"), not a number; expected "
+                             "metrics with one number each")
             elif name in derived and derived.index(name) > derived.index(key):
                 self.problem(path, f"'{name}' is a derived value defined after '{key}'; expected derived "
                              "values in the order they use each other")
@@ -986,7 +997,7 @@ class _Checker:
                 if name in spec.model_fields_set:
                     self.problem((*path, name), f"{name} describes captured text and a derived value (expr) has "
                                  "none; expected it only on regex or json metrics")
-            if spec.type == "str":
+            if spec.type in ("str", "list"):
                 self.problem((*path, "type"), 'a derived value (expr) is a number; expected type = "float" or "int"')
         elif spec.regex is None and spec.json_path is None:
             self.problem(
@@ -1053,6 +1064,9 @@ class _Checker:
                     f"unknown sort key '{key}'{_suggest(column, columns)}; expected {which} "
                     f'("-name" for descending): {listing}',
                 )
+            elif column in self.list_metrics:
+                self.problem(("results", "sort", j), f"'{column}' is a list metric and has no order; expected a "
+                             "column of numbers or text")
         for column, fmt in results.format.items():
             path = ("results", "format", column)
             if column not in columns:
@@ -1065,20 +1079,37 @@ class _Checker:
                     path, f'{_show(fmt)} is not a printf format for one value; expected e.g. "%f", "%.3f" or "%s"'
                 )
         for i, plot in enumerate(self.recipe.plot):
-            for field in ("x", "y", "value", "group"):
-                column = getattr(plot, field)
-                if column is not None and column not in columns:
-                    self.problem(
-                        ("plot", i, field),
-                        f"unknown column '{column}'{_suggest(column, columns)}; expected {which}: {listing}",
-                    )
-            needed = ("y", "value") if plot.kind == "heatmap" else ("y",)
-            for field in needed:
-                if getattr(plot, field) is None:
-                    self.problem(
-                        ("plot", i),
-                        f"a {plot.kind} plot needs {' and '.join(needed)}; expected {field} = \"<column>\"",
-                    )
+            self._plot(i, plot, columns, f"{which}: {listing}")
+
+    def _plot(self, i: int, plot: PlotSpec, columns: Sequence[str], expected: str) -> None:
+        """Known columns; a list metric only as the y of a line, which then has no x (its items' positions are)."""
+        step = plot.step if isinstance(plot.step, str) else None
+        for field in ("x", "y", "value", "group", "step"):
+            column = getattr(plot, field) if field != "step" else step
+            if column is None:
+                continue
+            if column not in columns:
+                self.problem(("plot", i, field), f"unknown column '{column}'{_suggest(column, columns)}; "
+                             f"expected {expected}")
+            elif column in self.list_metrics and not (field == "y" and plot.kind == "line"):
+                hint = f'kind = "line" with y = \'{column}\'' if field in ("y", "value") else \
+                    "a column with one value per row"
+                self.problem(("plot", i, field), f"'{column}' is a list metric (type = \"list\"), which only "
+                             f"a line draws, one line per row; expected {hint}")
+                return
+        listed = plot.kind == "line" and plot.y in self.list_metrics
+        needed = ("x", "y", "value") if plot.kind == "heatmap" else ("x", "y")
+        for field in needed:
+            if getattr(plot, field) is None and not (listed and field == "x"):
+                self.problem(("plot", i, field), f"missing field '{field}': a {plot.kind} plot needs "
+                             f"{', '.join(needed[:-1])} and {needed[-1]}; expected {field} = \"<column>\"")
+                return
+        if listed and plot.x is not None:
+            self.problem(("plot", i, "x"), f"'{plot.y}' is a list metric: its line runs over the items' positions; "
+                         "expected no x (step = a number or column spaces the items, e.g. a sampling interval)")
+        elif not listed and plot.step is not None:
+            self.problem(("plot", i, "step"), "step spaces the items of a list metric; expected it only on a line "
+                         "whose y is a list metric (type = \"list\")")
 
     def _baseline(self, known: Sequence[str]) -> None:
         """Each expectation names a metric, a non-zero value (changes are relative to it) and known columns."""
@@ -1088,6 +1119,9 @@ class _Checker:
                 metrics = [m for m in self.metric_names if m != FAILED_CASE]
                 self.problem(path, f"unknown metric '{name}'{_suggest(name, metrics)}; expected one of the "
                              f"metrics: {', '.join(metrics) or '(none: add a [metrics] table)'}")
+            elif name in self.list_metrics:
+                self.problem(path, f"'{name}' is a list metric (type = \"list\"); expected a metric with one "
+                             "number per row")
             if expected.value == 0:
                 self.problem((*path, "value"), "an expected value of 0 has no relative change; expected a "
                              "non-zero value")

@@ -176,12 +176,15 @@ def sort_rows(rows: list[dict[str, object]], keys: Sequence[str]) -> list[dict[s
 
 
 def format_cell(value: object, fmt: str | None) -> str:
-    """One CSV cell: "" for None, "true"/"false" for bools, `fmt % value` when a printf format is given and
-    takes the value, else the typed value's str() (so 48.409 stays "48.409" and 1.0 stays "1.0")."""
+    """One CSV cell: "" for None, "true"/"false" for bools, a list metric as its JSON array ("[0.1, 0.2]"),
+    `fmt % value` when a printf format is given and takes the value, else the typed value's str() (so 48.409
+    stays "48.409" and 1.0 stays "1.0")."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps([_json_value(v) for v in value])
     if fmt is not None:
         try:
             return fmt % (value,)
@@ -191,11 +194,14 @@ def format_cell(value: object, fmt: str | None) -> str:
 
 
 def _json_value(value: object) -> object:
-    """A cell as JSON: scalars as they are, non-finite floats as null, anything else as its text."""
+    """A cell as JSON: scalars as they are, lists item by item, non-finite floats as null, anything else as
+    its text."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
     return str(value)
 
 

@@ -361,6 +361,49 @@ async def test_attach_to_a_finished_run_shows_results_and_plots(write_recipe: Wr
     assert app.return_value == 0
 
 
+async def test_a_list_metric_is_drawn_as_one_line_per_result_row(write_recipe: Writer, tmp_path: Path) -> None:
+    # Each task prints a per-token time list whose first item is 2 (pace) or 3 (hf).
+    recipe = write_recipe(r"""
+        name = "lists"
+        [hosts.here]
+        gpus = 2
+        [[stage]]
+        kind = "queue"
+        grid = { framework = ["pace", "hf"] }
+        command = ["sh", "-c", 'test "$1" = pace && t=2 || t=3; printf "{{\"tpt\": [%s, 0.5, 0.5, 0.5]}}\n" $t',
+                   "sh", "{framework}"]
+        [metrics]
+        tpt = { json = "tpt", type = "list" }
+        [results]
+        columns = ["framework", "tpt"]
+        [[plot]]
+        kind = "line"
+        title = "time per token"
+        y = "tpt"
+        group = "framework"
+        xlabel = "token"
+    """)
+    run = tmp_path / "run"
+    await asyncio.to_thread(run_engine, recipe, run)
+    app = BenchfleetApp(run, refresh_interval=0.2)
+    async with console(app, (120, 36)) as pilot:
+        await until(pilot, lambda: "2/2" in screen_text(app), "the finished run on screen")
+        await pilot.press("3")
+        table = run_screen(app).query_one(ResultsTable)
+        await until(pilot, lambda: table.row_count == 2, "two result rows")
+        cells = sorted(str(table.get_row_at(i)[1]) for i in range(2))
+        assert cells == ["[4] mean 0.875", "[4] mean 1.125"]  # a list cell: its length and mean
+        await pilot.press("4")
+        plots = run_screen(app).query_one(PlotsPane)
+        await until(pilot, lambda: len(plots.rows) == 2, "the plot's data")
+        await pilot.pause(0.1)
+        shown = screen_text(app)
+        assert "time per token" in shown and "token" in shown
+        assert "pace" in shown and "hf" in shown  # the legend names one line per row
+        await pilot.press("q")
+        await until(pilot, lambda: app.return_value is not None, "the app to exit")
+
+
 async def test_quitting_an_attached_console_leaves_a_detached_run_running(write_recipe: Writer,
                                                                          tmp_path: Path) -> None:
     recipe, gate = gated(write_recipe, tmp_path, n=2, gpus=1)

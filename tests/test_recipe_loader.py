@@ -257,8 +257,8 @@ grid = { a = "1..3" }
         pytest.param('name = "t"\n[[stage]]  # <-\nkind = "run"\n', "stage[0].command",
                      ["missing field 'command'", "expected a command string or a list of arguments"],
                      id="missing-field"),
-        pytest.param('name = "t"\n[[plot]]\nkind = "line"\nx = "a"\n[[plot]]  # <-\nkind = "bar"\n', "plot[1].x",
-                     ["missing field 'x'", "expected a column name"], id="missing-field-second-block"),
+        pytest.param('name = "t"\n[[plot]]\nkind = "line"\nx = "a"\n[[plot]]  # <-\nx = "b"\n', "plot[1].kind",
+                     ["missing field 'kind'", 'expected "heatmap", "line" or "bar"'], id="missing-field-second-block"),
         pytest.param('name = "t"\ndescription = "no stages"\n', "stage",
                      ["missing field 'stage'", 'expected at least one [[stage]] block with kind = "queue" or "run"'],
                      id="missing-stages"),
@@ -425,8 +425,9 @@ RUN = 'name = "t"\n[[stage]]\nkind = "run"\ncommand = "true"\n'
                      ["is not a printf format for one value", 'expected e.g. "%f"'], id="bad-format"),
         pytest.param(STAGE + '[[plot]]\nkind = "heatmap"\nx = "a"\ny = "b"  # <-\nvalue = "a"\n', "plot[0].y",
                      ["unknown column 'b'", "expected a known column: a,"], id="plot-unknown-column"),
-        pytest.param(STAGE + '[[plot]]  # <-\nkind = "heatmap"\nx = "a"\ny = "a"\n', "plot[0]",
-                     ["a heatmap plot needs y and value", 'expected value = "<column>"'], id="heatmap-without-value"),
+        pytest.param(STAGE + '[[plot]]  # <-\nkind = "heatmap"\nx = "a"\ny = "a"\n', "plot[0].value",
+                     ["a heatmap plot needs x, y and value", 'expected value = "<column>"'],
+                     id="heatmap-without-value"),
         pytest.param('name = "t"\n[variables]\n"batch size" = 8  # <-\n' + STAGE.replace('name = "t"', ""),
                      'variables."batch size"', ["cannot be a placeholder", "expected letters, digits"],
                      id="bad-variable-name"),
@@ -583,7 +584,7 @@ def test_missing_field_points_at_its_table_header(tmp_path: Path) -> None:
         kind = "run"
         command = "true"
         [results]
-        columns = ["task"]
+        columns = ["task", "rc"]
         [[plot]]
         kind = "bar"
         x = "task"

@@ -18,7 +18,7 @@ import pytest
 from recipes.workloads import pace_offline_benchmark as pob
 from remote.recipe import FetchStage, MetricSpec, RunStage
 from remote.recipe_loader import load_recipe, stage_name
-from tests.conftest import REPO, cli, run_engine
+from tests.conftest import REPO, cli
 
 SCRIPT = Path(pob.__file__)
 REAL = REPO / "recipes" / "pace-offline.toml"
@@ -26,6 +26,7 @@ LOCAL = REPO / "recipes" / "local" / "pace-offline.toml"
 GOLDEN = REPO / "tests" / "golden" / "pace_results.json"
 
 SCALARS = ("total_tps", "output_tps", "average_gen_time", "average_latency_per_token", "average_ttft")
+LISTS = ("time_per_tokens", "cpu_usage", "ram_usage")
 METRIC_KEYS = {"total_tokens", "total_gen_tokens", "average_gen_time", "average_latency_per_token",
                "total_tps", "output_tps", "average_ttft", "time_per_tokens"}
 LOG_LINE = re.compile(r"^\d\d-[A-Z][a-z]{2}-\d\d \d\d:\d\d:\d\d\.\d{3} ([IWE]) benchmark_llm_offline\.py:\d+ "
@@ -106,8 +107,13 @@ def test_local_recipe_has_the_real_recipes_stages_metrics_and_plots() -> None:
             assert isinstance(spec, MetricSpec) and spec.stage == stage_name(fetch)
             assert spec.json_path == f"benchmark_results.0.metrics.{name}"
             assert spec.file == fetch.files[0]  # the metrics read the file the fetch stage copies
-        bars = [(p.kind, p.x, p.y) for p in loaded.recipe.plot]
-        assert bars == [("bar", "framework", name) for name in SCALARS]
+        plots = [(p.kind, p.x, p.y, p.step) for p in loaded.recipe.plot]
+        assert plots == [*(("bar", "framework", name, None) for name in SCALARS),
+                         ("line", None, "time_per_tokens", None), ("line", None, "cpu_usage", "interval"),
+                         ("line", None, "ram_usage", "interval")]
+        for name in LISTS:
+            spec = specs[name]
+            assert isinstance(spec, MetricSpec) and spec.type == "list" and spec.file == fetch.files[0]
     # Only the benchmark program differs: upstream's script there, the stand-in here.
     bench = {n: s for n, s in zip(real.stage_names, real.recipe.stage, strict=True)}["benchmark"]
     assert isinstance(bench, RunStage) and isinstance(bench.command, str)
@@ -260,8 +266,9 @@ def test_local_recipe_runs_both_frameworks_through_the_engine(tmp_path: Path) ->
     if problem is not None:
         pytest.skip(f"framework pace cannot run here: {problem}")
     run = tmp_path / "run"
-    finished, _ = run_engine(LOCAL, run)
-    assert finished.counts["failed"] == 0 and finished.counts["done"] == 8
+    proc = cli("--recipe", str(LOCAL), "--run-dir", str(run))  # headless, as a person runs it: plots included
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"plots: {run / 'plots'} (8 text" in proc.stdout
     rows = json.loads((run / "results.json").read_text())
     assert [r["framework"] for r in rows] == ["hf", "pace"]
     for row in rows:
@@ -270,7 +277,15 @@ def test_local_recipe_runs_both_frameworks_through_the_engine(tmp_path: Path) ->
         for name in SCALARS:
             assert isinstance(row[name], float) and row[name] > 0, (row["framework"], name)
         assert row["total_tps"] == pytest.approx(row["total_tokens"] / (5 * row["average_gen_time"]))
-    for framework in ("pace", "hf"):
-        doc = json.loads((run / "fetched" / framework / "local" / "results.json").read_text())
-        assert doc["benchmark_results"][0]["framework"] == framework
-        assert len(doc["benchmark_results"][0]["metrics"]["time_per_tokens"]) == 32
+    for row in rows:
+        entry = json.loads((run / "fetched" / row["framework"] / "local" / "results.json").read_text())
+        [result] = entry["benchmark_results"]
+        assert result["framework"] == row["framework"]
+        # The lists in the table are the fetched file's, item for item.
+        assert row["time_per_tokens"] == result["metrics"]["time_per_tokens"] and len(row["time_per_tokens"]) == 32
+        assert row["cpu_usage"] == result["system_metrics"]["cpu_usage"]
+        assert row["ram_usage"] == result["system_metrics"]["ram_usage"] and row["interval"] == 0.2
+    # The seed's line charts: one line per framework.
+    for n, title in ((6, "time_per_token_s_"), (7, "CPU_usage_"), (8, "RAM_usage_above_the_start_MB_")):
+        text = (run / "plots" / f"{n}-{title}.txt").read_text()
+        assert "• hf" in text and "+ pace" in text, text

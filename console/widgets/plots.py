@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from console.rundata import HeatmapData, format_value, heatmap_data, series_data
+from console.rundata import HeatmapData, format_value, heatmap_data, plot_title, series_data, x_label
 from remote.recipe import PlotSpec
 
 BINS = ("blue", "cyan", "green", "orange", "red")
@@ -30,15 +30,6 @@ LINE_COLOURS = ("cyan", "orange", "green", "magenta", "blue", "red", "cyan+", "o
 
 WIDE = 160
 """Columns from which two plots are shown side by side."""
-
-
-def plot_title(spec: PlotSpec) -> str:
-    """The recipe's title, or one derived from the axes."""
-    if spec.title:
-        return spec.title
-    if spec.kind == "heatmap":
-        return f"{spec.value} over {spec.x} x {spec.y}"
-    return f"{spec.y or spec.value} by {spec.x}" + (f" per {spec.group}" if spec.group else "")
 
 
 def bin_index(value: float, lo: float, hi: float) -> int:
@@ -106,9 +97,9 @@ class ChartPlot(PlotextPlot):
         plt: Any = self.plt
         data = heatmap_data(self.rows, spec, self.axes)
         done = heatmap_data([r for r in self.rows if r.get("state") == "done"], spec)
-        failed = {(r.get(spec.x), r.get(spec.y or "")) for r in self.rows if r.get("state") == "failed"}
+        failed = {(r.get(spec.x or ""), r.get(spec.y or "")) for r in self.rows if r.get("state") == "failed"}
         plt.title(plot_title(spec))
-        plt.xlabel(spec.x)
+        plt.xlabel(x_label(spec))
         plt.ylabel(spec.y or "")
         if not data.xs or not data.ys:
             plt.text("no results yet", 0, 0, alignment="center")
@@ -141,7 +132,7 @@ class ChartPlot(PlotextPlot):
     def _series(self, spec: PlotSpec) -> None:
         plt: Any = self.plt
         plt.title(plot_title(spec))
-        plt.xlabel(spec.x)
+        plt.xlabel(x_label(spec))
         series = series_data([r for r in self.rows if r.get("state") == "done"], spec)
         if not series:
             plt.text("no results yet", 0, 0, alignment="center")

@@ -9,15 +9,19 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from remote.engine import Engine, EngineOptions
 from remote.events import Event, RunFinished
+from remote.extract import MetricSet, TaskExtractor
+from remote.recipe import MetricSpec, QueueStage, Recipe
 from remote.recipe_loader import load_recipe
 from remote.rundir import prepare
+from remote.testbed import Testbed, TestbedError, TestbedHost, testbed_down, testbed_up
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,3 +87,80 @@ def free_ports(count: int) -> int:
             continue
         return base
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+# -- waiting for a condition ---------------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False); it is always checked once more
+    after the deadline. A bool rather than a raise, so that each caller fails with its own message (or cleans
+    up first, as hosts_clean does)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def wait_for_async(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, *,
+                         pause: Callable[[float], Awaitable[None]] = asyncio.sleep) -> bool:
+    """wait_for for code on an event loop: sleeps with `pause`, so the engine (or a Textual app, whose pilot's
+    pause also lets it process its messages) keeps running while the test waits."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await pause(interval)
+    return True
+
+
+# -- the network-namespace testbed ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def netns_testbed(tmp_path_factory: pytest.TempPathFactory, name: str, hosts: int, gpus: int) -> Iterator[Testbed]:
+    """A testbed of `hosts` hosts in network namespaces (each its own interface, for tc), torn down on the way
+    out; skips the test where namespaces cannot be made (no root, no `ip netns`), since that is the machine's
+    lack, not a fault. For a module-scoped fixture: one testbed per module, as starting sshds is slow."""
+    folder = tmp_path_factory.mktemp(name) / "testbed"
+    try:
+        tb = testbed_up(folder, hosts, gpus=gpus, mode="netns")
+    except TestbedError as exc:
+        pytest.skip(f"needs network namespaces: {exc}")
+    try:
+        yield tb
+    finally:
+        testbed_down(folder)
+
+
+def host_qdiscs(host: TestbedHost) -> str:
+    """`tc qdisc show` of the host's interface, run in its namespace: read from outside benchfleet, so that a
+    test does not trust the code it checks."""
+    assert host.netns is not None
+    return subprocess.run(["ip", "netns", "exec", host.netns, "tc", "qdisc", "show", "dev", host.interface],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def kernel_has_netem() -> bool:
+    """Whether this kernel can add a netem qdisc (tried in a throwaway namespace): delay needs it, and the
+    tests of the refusal without it only mean something where it is missing."""
+    argv = ["unshare", "-n", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
+# -- run directories and metrics -----------------------------------------------------------------------------
+
+
+def the_log(run: Path, pattern: str) -> str:
+    """The text of the one task log under run/logs matching `pattern`; more or fewer is itself a failure."""
+    logs = sorted((run / "logs").glob(pattern))
+    assert len(logs) == 1, f"{pattern}: {logs}"
+    return logs[0].read_text()
+
+
+def extractor(metrics: dict[str, str | MetricSpec], stage: str = "queue") -> TaskExtractor:
+    """A task extractor for `metrics` alone, without loading a recipe file: a one-stage recipe around them."""
+    recipe = Recipe(name="t", stage=[QueueStage(kind="queue", command="true")], metrics=metrics)
+    return TaskExtractor(MetricSet.from_recipe(recipe), stage, done=None, progress=None)

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from remote.procfs import is_alive
-from tests.conftest import cli, cli_popen
+from tests.conftest import cli, cli_popen, wait_for
 
 Writer = Callable[..., Path]
 
@@ -28,14 +27,6 @@ SLOW_GRID = """
     [metrics]
     line = {{ regex = 'line (\\d+)', type = "int" }}
 """
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def _sleep_file(tmp_path: Path, seconds: float) -> Path:
@@ -97,7 +88,8 @@ def test_sigkilled_engine_resumes_and_runs_every_task_exactly_once(write_recipe:
     run = tmp_path / "run"
     engine = cli_popen("--recipe", str(recipe), "--run-dir", str(run))
     # Kill it while tasks run on both slots and some already finished.
-    _wait_for(lambda: len(_lines(done)) >= 2 and len(_lines(marks)) >= 4)
+    midway = wait_for(lambda: len(_lines(done)) >= 2 and len(_lines(marks)) >= 4)
+    assert midway, "timed out waiting for: 2 tasks done and 4 started"
     os.kill(engine.pid, signal.SIGKILL)
     engine.wait()
     running_then = len(_lines(marks)) - len(_lines(done))
@@ -121,9 +113,10 @@ def test_ctrl_c_kills_running_groups_and_resume_finishes(write_recipe: Writer, t
     recipe = write_recipe(SLOW_GRID.format(marks=marks, done=done, sleep=sleep))
     run = tmp_path / "run"
     engine = cli_popen("--recipe", str(recipe), "--run-dir", str(run))
-    _wait_for(lambda: len(_lines(marks)) >= 2)
+    assert wait_for(lambda: len(_lines(marks)) >= 2), "timed out waiting for: 2 tasks started"
     db = sqlite3.connect(run / "journal.sqlite")
-    _wait_for(lambda: db.execute("SELECT COUNT(*) FROM attempts WHERE state='running'").fetchone()[0] == 2)
+    running = "SELECT COUNT(*) FROM attempts WHERE state='running'"
+    assert wait_for(lambda: db.execute(running).fetchone()[0] == 2), "timed out waiting for: 2 running attempts"
     pids = [r[0] for r in db.execute("SELECT pid FROM attempts WHERE state='running'")]
     os.kill(engine.pid, signal.SIGINT)
     out, _ = engine.communicate(timeout=60)
@@ -153,7 +146,8 @@ def test_detach_runs_in_background_and_logs_to_run_dir(write_recipe: Writer, tmp
     result = cli("--recipe", str(recipe), "--run-dir", str(run), "--detach")
     assert result.returncode == 0
     assert str(run) in result.stdout
-    _wait_for(lambda: len(_lines(done)) == 8 and not (run / "engine.pid").exists(), timeout=60)
+    finished = wait_for(lambda: len(_lines(done)) == 8 and not (run / "engine.pid").exists(), timeout=60)
+    assert finished, "timed out waiting for: the detached engine to run all 8 tasks and exit"
     log = (run / "engine.log").read_text()
     assert "stage queue finished" in log
     assert (run / "results.csv").exists()

@@ -24,8 +24,19 @@ from remote.journal import Journal
 from remote.procfs import group_members, is_alive
 from remote.recipe_loader import load_recipe
 from remote.stages.pipeline import split_layers
-from remote.testbed import Testbed, TestbedError, TestbedHost, testbed_down, testbed_up
-from tests.conftest import REPO, cli, cli_popen, free_ports, run_engine
+from remote.testbed import Testbed, TestbedHost
+from tests.conftest import (
+    REPO,
+    cli,
+    cli_popen,
+    free_ports,
+    host_qdiscs,
+    kernel_has_netem,
+    netns_testbed,
+    run_engine,
+    the_log,
+    wait_for,
+)
 
 Writer = Callable[..., Path]
 BIN = Path(sys.executable).parent
@@ -46,15 +57,8 @@ def needs(program: str) -> None:
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    folder = tmp_path_factory.mktemp("cluster") / "testbed"
-    try:
-        tb = testbed_up(folder, 2, gpus=2, mode="netns")
-    except TestbedError as exc:
-        pytest.skip(f"needs network namespaces: {exc}")
-    try:
+    with netns_testbed(tmp_path_factory, "cluster", hosts=2, gpus=2) as tb:
         yield tb
-    finally:
-        testbed_down(folder)
 
 
 def _cmdline(pid: int) -> str:
@@ -75,19 +79,7 @@ def host_processes(tb: Testbed, host: TestbedHost) -> dict[int, str]:
 
 def host_tc(host: TestbedHost) -> str:
     """The root qdisc line of the host's interface, read from outside benchfleet."""
-    assert host.netns is not None
-    out = subprocess.run(["ip", "netns", "exec", host.netns, "tc", "qdisc", "show", "dev", host.interface],
-                         capture_output=True, text=True, check=True).stdout
-    return next((line for line in out.splitlines() if " root " in line), "")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return next((line for line in host_qdiscs(host).splitlines() if " root " in line), "")
 
 
 @pytest.fixture
@@ -140,12 +132,6 @@ def task_states(run: Path, stage: str) -> list[str]:
         return sorted(t.state for t in j.tasks(stage))
     finally:
         j.close()
-
-
-def the_log(run: Path, pattern: str) -> str:
-    logs = sorted((run / "logs").glob(pattern))
-    assert len(logs) == 1, f"{pattern}: {logs}"
-    return logs[0].read_text()
 
 
 # -- Ray ---------------------------------------------------------------------------------------------------
@@ -498,11 +484,6 @@ def test_sigkilled_engine_leaves_shaping_armed_and_resume_reverts_it_first(hosts
     assert reverted and applied and reverted[0] < applied[0], resumed.stdout
     assert host_tc(tb.hosts[0]).split()[1] == "noqueue" and not guards(tb)
     assert not (SHAPE_STATE / run_id).exists()
-
-
-def kernel_has_netem() -> bool:
-    argv = ["unshare", "-n", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
 
 @pytest.mark.ssh

@@ -31,7 +31,7 @@ from remote.engine import Engine, EngineOptions
 from remote.procfs import group_members, is_alive
 from remote.recipe_loader import load_recipe
 from remote.rundir import prepare
-from tests.conftest import cli, run_engine
+from tests.conftest import cli, run_engine, wait_for_async
 
 Writer = Callable[..., Path]
 
@@ -67,11 +67,8 @@ def screen_text(app: BenchfleetApp) -> str:
 
 async def until(pilot: Pilot[int], condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Let the app run until `condition` holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await pilot.pause(0.05)
+    if not await wait_for_async(condition, timeout, pause=pilot.pause):
+        raise AssertionError(f"timed out waiting for: {what}")
 
 
 def owned_app(recipe: Path, run_dir: Path, **kwargs: object) -> BenchfleetApp:

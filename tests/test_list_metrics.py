@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 
 from console.rundata import format_value, plot_title, series_data, x_label
-from remote.extract import MetricError, MetricSet, TaskExtractor, typed
-from remote.recipe import MetricSpec, PlotSpec, QueueStage, Recipe, ResultsSpec
+from remote.extract import MetricError, MetricSet, typed
+from remote.recipe import MetricSpec, PlotSpec, ResultsSpec
 from remote.results import format_cell, write_results
-from tests.conftest import cli
+from tests.conftest import cli, extractor
 from tests.test_recipe_loader import STAGE, check_error
 
 Writer = Callable[..., Path]
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def extractor(metrics: dict[str, str | MetricSpec]) -> TaskExtractor:
-    recipe = Recipe(name="t", stage=[QueueStage(kind="queue", command="true")], metrics=metrics)
-    return TaskExtractor(MetricSet.from_recipe(recipe), "queue", done=None, progress=None)
 
 
 # -- typing and extraction ---------------------------------------------------------------------------------

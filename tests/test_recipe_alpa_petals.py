@@ -16,10 +16,10 @@ import pytest
 from remote.extract import ExprError, LineSplitter, MetricError, MetricSet, TaskExtractor, compile_expr
 from remote.journal import Journal
 from remote.procfs import is_alive
-from remote.recipe import Baseline, MetricSpec, QueueStage, Recipe, ResultsSpec
+from remote.recipe import Baseline, MetricSpec, ResultsSpec
 from remote.recipe_loader import LoadedRecipe, RecipeError, load_recipe
 from remote.results import FAILED_CASE, MATCH_ROWS, finish_rows, select_columns, verdict, write_results
-from tests.conftest import REPO, cli, free_port, run_engine
+from tests.conftest import REPO, cli, extractor, free_port, run_engine, the_log
 
 Writer = Callable[..., Path]
 GOLDEN = REPO / "tests" / "golden"
@@ -30,11 +30,6 @@ WORKLOADS = RECIPES / "workloads"
 def lines_of(data: bytes) -> list[str]:
     splitter = LineSplitter()
     return splitter.feed(data) + splitter.flush()
-
-
-def extractor(metrics: dict[str, str | MetricSpec], stage: str = "queue") -> TaskExtractor:
-    recipe = Recipe(name="t", stage=[QueueStage(kind="queue", command="true")], metrics=metrics)
-    return TaskExtractor(MetricSet.from_recipe(recipe), stage, done=None, progress=None)
 
 
 def recipe_extractor(loaded: LoadedRecipe, stage: str) -> TaskExtractor:
@@ -361,12 +356,6 @@ def wait_gone(marker: str, timeout: float = 15.0) -> list[str]:
     while (left := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def the_log(run: Path, pattern: str) -> str:
-    logs = sorted((run / "logs").glob(pattern))
-    assert len(logs) == 1, f"{pattern}: {logs}"
-    return logs[0].read_text()
 
 
 @pytest.mark.slow

@@ -19,23 +19,13 @@ from remote.recipe_loader import load_recipe
 from remote.slots import declared_slots
 from remote.stages.pipeline import split_layers
 from tests.conftest import REPO, cli, free_ports, run_engine
+from tests.test_redrafter_csv_parity import MAKE_CSV_AWK
 
 RECIPES = REPO / "recipes"
 REDRAFTER = RECIPES / "redrafter-beam-grid.toml"
 REDRAFTER_LOCAL = RECIPES / "local" / "redrafter-beam-grid.toml"
 DESERVE = RECIPES / "deserve-pipeline.toml"
 DESERVE_LOCAL = RECIPES / "local" / "deserve-pipeline.toml"
-
-# make_csv.awk as the ReDrafter seed describes it (gawk only: gensub), written here from that description.
-MAKE_CSV_AWK = r"""
-BEGIN { print "beam_width, beam_length, average_num_accepted_tokens, tokens_per_sec" }
-/Title: beamwidth/ {
-  printf "%d, %d, ", gensub(/.*beamwidth([0-9]+)_beamlen([0-9]+).*/, "\\1", 1), \
-                     gensub(/.*beamwidth([0-9]+)_beamlen([0-9]+).*/, "\\2", 1)
-}
-/Average number of tokens per step:/ { printf "%f, ", gensub(/.*: +/, "", 1) }
-/Tokens\/second/ { printf "%s\n", gensub(/^Tokens\/second +/, "", 1) }
-"""
 
 
 def cells(text: str) -> list[list[str]]:

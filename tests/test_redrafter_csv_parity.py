@@ -14,7 +14,8 @@ from remote.extract import LineSplitter, MetricSet, TaskExtractor
 from remote.recipe import MetricSpec, QueueStage, Recipe, ResultsSpec
 from remote.results import select_columns, write_results
 
-# make_csv.awk as the seed describes it (gawk only: gensub).
+# make_csv.awk as the ReDrafter seed describes it (gawk only: gensub), written here from that description;
+# test_recipe_redrafter_deserve runs it on a real run's logs too.
 MAKE_CSV_AWK = r"""
 BEGIN { print "beam_width, beam_length, average_num_accepted_tokens, tokens_per_sec" }
 /Title: beamwidth/ {

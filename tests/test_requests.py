@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,15 +15,9 @@ from remote.procfs import is_alive
 from remote.recipe_loader import load_recipe
 from remote.rundir import prepare
 from remote.testbed import install_fake_nvidia_smi
+from tests.conftest import wait_for_async
 
 Writer = Callable[..., Path]
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def drive(recipe: Path, run_dir: Path,
@@ -37,8 +30,9 @@ def drive(recipe: Path, run_dir: Path,
                         options=EngineOptions(poll_interval=0.05, kill_grace=1.0))
         engine.subscribe(events.append)
         run = asyncio.create_task(engine.run())
-        await _until(lambda: (run_dir / "journal.sqlite").exists() and any(isinstance(e, TaskStarted)
-                                                                             for e in events))
+        started = await wait_for_async(lambda: (run_dir / "journal.sqlite").exists()
+                                       and any(isinstance(e, TaskStarted) for e in events))
+        assert started, "timed out waiting for: the journal and a started task"
         viewer = Journal(run_dir / "journal.sqlite")
         try:
             await script(viewer, events)
@@ -78,13 +72,13 @@ def test_pause_whole_queue_then_resume(write_recipe: Writer, tmp_path: Path) -> 
 
     async def viewer(j: Journal, events: list[Event]) -> None:
         seq = j.add_request("pause")
-        await _until(lambda: _handled(j, seq))
+        assert await wait_for_async(lambda: _handled(j, seq)), "timed out waiting for: the pause request handled"
         assert j.meta("queue_paused") == "1"
         started = len(marks.read_text().splitlines())
         await asyncio.sleep(1.0)  # long enough for the running tasks to end and, unpaused, for more to start
         assert len(marks.read_text().splitlines()) == started, "a paused queue started new tasks"
         seq = j.add_request("resume")
-        await _until(lambda: _handled(j, seq))
+        assert await wait_for_async(lambda: _handled(j, seq)), "timed out waiting for: the resume request handled"
         assert j.meta("queue_paused") == "0"
 
     finished, _ = drive(recipe, tmp_path / "run", viewer)
@@ -100,12 +94,13 @@ def test_cancel_running_and_waiting_tasks(write_recipe: Writer, tmp_path: Path) 
         running = [e for e in events if isinstance(e, TaskStarted)]
         first = running[0]
         pid_file = pids / first.label.split("=")[1]
-        await _until(pid_file.exists)
+        assert await wait_for_async(pid_file.exists), "timed out waiting for: the running task's pid file"
         pid = int(pid_file.read_text())
         waiting = [t for t in j.tasks() if t.state == "queued"][-1]  # far back: still waiting when cancelled
         s1 = j.add_request("cancel", first.task_id)
         s2 = j.add_request("cancel", waiting.id)
-        await _until(lambda: _handled(j, s1) and _handled(j, s2))
+        handled = await wait_for_async(lambda: _handled(j, s1) and _handled(j, s2))
+        assert handled, "timed out waiting for: both cancel requests handled"
         assert not is_alive(pid), "the cancelled task's process still runs"
         out = dict(_outcomes(j))
         assert out["cancel"].startswith("cancelled")
@@ -132,9 +127,10 @@ def test_retry_failed_while_the_stage_runs(write_recipe: Writer, tmp_path: Path)
     """)
 
     async def viewer(j: Journal, events: list[Event]) -> None:
-        await _until(lambda: any(isinstance(e, TaskExited) and e.state == "failed" for e in events))
+        failed = await wait_for_async(lambda: any(isinstance(e, TaskExited) and e.state == "failed" for e in events))
+        assert failed, "timed out waiting for: a failed task"
         seq = j.add_request("retry-failed")
-        await _until(lambda: _handled(j, seq))
+        assert await wait_for_async(lambda: _handled(j, seq)), "timed out waiting for: the retry-failed request handled"
         assert dict(_outcomes(j))["retry-failed"] == "1 failed task(s) queued again"
 
     finished, events = drive(recipe, tmp_path / "run", viewer)
@@ -173,7 +169,7 @@ def test_gpu_samples_from_nvidia_smi(write_recipe: Writer, tmp_path: Path) -> No
     """)
 
     async def viewer(j: Journal, events: list[Event]) -> None:
-        await _until(lambda: bool(j.gpu_samples("here", 1)))
+        assert await wait_for_async(lambda: bool(j.gpu_samples("here", 1))), "timed out waiting for: a GPU sample"
 
     finished, _ = drive(recipe, tmp_path / "run", viewer)
     assert finished.counts["done"] == 2

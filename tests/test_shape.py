@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,10 +29,11 @@ from remote.stages.shape import (
     revert,
     revert_stale,
 )
-from remote.testbed import Testbed, TestbedError, TestbedHost, testbed_down, testbed_up
+from remote.testbed import Testbed
 from remote.transport.base import Transport
 from remote.transport.local import LocalTransport
 from remote.transport.ssh import SSHTransport
+from tests.conftest import host_qdiscs, kernel_has_netem, netns_testbed, wait_for
 
 T = TypeVar("T")
 STATE = Path.home() / ".cache" / "benchfleet" / "shape"
@@ -41,15 +41,8 @@ STATE = Path.home() / ".cache" / "benchfleet" / "shape"
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    folder = tmp_path_factory.mktemp("shape") / "testbed"
-    try:
-        tb = testbed_up(folder, 1, gpus=0, mode="netns")
-    except TestbedError as exc:
-        pytest.skip(f"needs network namespaces: {exc}")
-    try:
+    with netns_testbed(tmp_path_factory, "shape", hosts=1, gpus=0) as tb:
         yield tb
-    finally:
-        testbed_down(folder)
 
 
 @pytest.fixture
@@ -71,27 +64,6 @@ def over_ssh(tb: Testbed, work: Callable[[Transport], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
-def host_tc(host: TestbedHost) -> str:
-    """What the host's interface shows, read from outside benchfleet."""
-    assert host.netns is not None
-    return subprocess.run(["ip", "netns", "exec", host.netns, "tc", "qdisc", "show", "dev", host.interface],
-                          capture_output=True, text=True, check=True).stdout
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
-def kernel_has_netem() -> bool:
-    argv = ["unshare", "-n", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
-
-
 RATE_ONLY = ShapeRequest(interface="eth0", delay=None, rate="0.1gbit", limit=None)
 
 
@@ -102,13 +74,13 @@ def shaping(request: ShapeRequest, run_id: str) -> Callable[[Transport], Awaitab
 
 def test_tbf_shows_on_the_host_and_revert_restores_the_qdisc(testbed: Testbed, run_id: str) -> None:
     host = testbed.hosts[0]
-    before = current_qdisc(host_tc(host))
+    before = current_qdisc(host_qdiscs(host))
     seen: dict[str, str] = {}
 
     async def work(t: Transport) -> Applied:
         assert await probe(t, "tb1", RATE_ONLY, allow_control_interface=True) == "tbf"
         applied = await apply(t, "tb1", RATE_ONLY, run_id=run_id, allow_control_interface=True)
-        seen["shaped"] = host_tc(host)
+        seen["shaped"] = host_qdiscs(host)
         seen["guard_alive"] = str(procfs.is_alive(applied.guard_pid))
         seen["state"] = str((STATE / run_id / "eth0" / "state").is_file())
         await revert(t, applied)
@@ -121,43 +93,43 @@ def test_tbf_shows_on_the_host_and_revert_restores_the_qdisc(testbed: Testbed, r
     assert current_qdisc(seen["shaped"]) == "tbf" and "rate 100Mbit" in seen["shaped"]
     assert applied.handle in seen["shaped"]
     assert seen["guard_alive"] == "True" and seen["state"] == "True"
-    assert current_qdisc(host_tc(host)) == before
+    assert current_qdisc(host_qdiscs(host)) == before
     assert not procfs.is_alive(applied.guard_pid)
 
 
 def test_the_control_interface_is_refused_unless_allowed(testbed: Testbed, run_id: str) -> None:
     host = testbed.hosts[0]
-    shown = host_tc(host)
+    shown = host_qdiscs(host)
     with pytest.raises(ShapeError) as caught:
         over_ssh(testbed, lambda t: apply(t, "tb1", RATE_ONLY, run_id=run_id))
     message = str(caught.value)
     assert message.startswith("host tb1: eth0 carries ") and "SSH connection" in message
     assert "allow_control_interface" in message and "\n" not in message
-    assert host_tc(host) == shown
+    assert host_qdiscs(host) == shown
 
 
 def test_delay_is_refused_without_netem_and_nothing_changes(testbed: Testbed, run_id: str) -> None:
     if kernel_has_netem():
         pytest.skip("this kernel has netem; the refusal is for kernels without it")
     host = testbed.hosts[0]
-    shown = host_tc(host)
+    shown = host_qdiscs(host)
     request = ShapeRequest(interface="eth0", delay="10ms", rate="1Gbit", limit=225000)
     with pytest.raises(ShapeError) as caught:
         over_ssh(testbed, shaping(request, run_id))
     assert str(caught.value) == (
         "host tb1: the kernel has no netem qdisc, so delay=10ms cannot be applied; results would be "
         "mislabelled as shaped. Load sch_netem or drop `delay`")
-    assert host_tc(host) == shown
+    assert host_qdiscs(host) == shown
 
 
 def test_the_guard_reverts_by_itself_at_the_deadline(testbed: Testbed, run_id: str) -> None:
     host = testbed.hosts[0]
-    before = current_qdisc(host_tc(host))
+    before = current_qdisc(host_qdiscs(host))
     request = replace(RATE_ONLY, rate="1gbit", revert_after=2.0)
     applied = over_ssh(testbed, shaping(request, run_id))
-    assert current_qdisc(host_tc(host)) == "tbf"
+    assert current_qdisc(host_qdiscs(host)) == "tbf"
     # Nobody reverts: the engine is gone. The guard alone brings the host back.
-    assert wait_for(lambda: current_qdisc(host_tc(host)) == before, timeout=6.0)
+    assert wait_for(lambda: current_qdisc(host_qdiscs(host)) == before, timeout=6.0)
     assert wait_for(lambda: not procfs.is_alive(applied.guard_pid), timeout=2.0)
     with pytest.raises(ShapeError, match=r"no longer applied .*its guard reached its deadline"):
         over_ssh(testbed, lambda t: confirm(t, applied))
@@ -166,7 +138,7 @@ def test_the_guard_reverts_by_itself_at_the_deadline(testbed: Testbed, run_id: s
 
 def test_an_unconfirmed_apply_reverts_within_the_confirm_window(testbed: Testbed, run_id: str) -> None:
     host = testbed.hosts[0]
-    before = current_qdisc(host_tc(host))
+    before = current_qdisc(host_qdiscs(host))
     request = replace(RATE_ONLY, revert_after=3600.0, confirm_within=1.0)
 
     async def arm_only(t: Transport) -> Applied:
@@ -176,8 +148,8 @@ def test_an_unconfirmed_apply_reverts_within_the_confirm_window(testbed: Testbed
         return await _arm_and_apply(t, "tb1", plan, info, run_id)
 
     applied = over_ssh(testbed, arm_only)
-    assert current_qdisc(host_tc(host)) == "tbf"
-    assert wait_for(lambda: current_qdisc(host_tc(host)) == before, timeout=4.0)
+    assert current_qdisc(host_qdiscs(host)) == "tbf"
+    assert wait_for(lambda: current_qdisc(host_qdiscs(host)) == before, timeout=4.0)
     assert wait_for(lambda: not procfs.is_alive(applied.guard_pid), timeout=2.0)
     with pytest.raises(ShapeError, match="was not confirmed in time"):
         over_ssh(testbed, lambda t: confirm(t, applied))
@@ -187,16 +159,16 @@ def test_an_unconfirmed_apply_reverts_within_the_confirm_window(testbed: Testbed
 def test_revert_stale_after_a_crash_restores_the_host_and_kills_its_guard(testbed: Testbed,
                                                                           run_id: str) -> None:
     host = testbed.hosts[0]
-    before = current_qdisc(host_tc(host))
+    before = current_qdisc(host_qdiscs(host))
     applied = over_ssh(testbed, shaping(RATE_ONLY, run_id))
     # The engine "crashed": its transport is gone, nothing was reverted, the guard has hours left.
-    assert current_qdisc(host_tc(host)) == "tbf" and procfs.is_alive(applied.guard_pid)
+    assert current_qdisc(host_qdiscs(host)) == "tbf" and procfs.is_alive(applied.guard_pid)
     with pytest.raises(ShapeError, match=f"eth0 is still shaped by benchfleet run {run_id} \\(tbf "):
         over_ssh(testbed, shaping(RATE_ONLY, run_id))
-    assert current_qdisc(host_tc(host)) == "tbf" and procfs.is_alive(applied.guard_pid)
+    assert current_qdisc(host_qdiscs(host)) == "tbf" and procfs.is_alive(applied.guard_pid)
     reverted = over_ssh(testbed, lambda t: revert_stale(t, "tb1", run_id))
     assert reverted == ["eth0: tbf rate 100mbit"]
-    assert current_qdisc(host_tc(host)) == before
+    assert current_qdisc(host_qdiscs(host)) == before
     assert wait_for(lambda: not procfs.is_alive(applied.guard_pid), timeout=2.0)
     assert over_ssh(testbed, lambda t: revert_stale(t, "tb1", run_id)) == []
 

@@ -9,6 +9,9 @@ Crash safety comes from ordering: an attempt is journalled before it is launched
 repeated); output bytes are appended to logs/ before their offset is committed (so a resumed tail truncates the
 copy back to the committed offset and continues: no line lost, none repeated); a task is marked done only after its
 rc file was read. A resumed engine adopts attempts that are still running or finished while it was away.
+
+This file is the core (setup, preflight, reconcile, trials, one attempt's launch/poll/finalize, viewers' requests,
+results); each stage kind is a mixin in remote/stages/, one file per kind (see remote/stages/__init__.py).
 """
 
 from __future__ import annotations
@@ -16,20 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import json
 import os
-import re
-import shlex
-import signal
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from remote.aio import cancel_and_wait, within
+from remote.attempt import RESULT_FILE_LIMIT, Attempt, TrialFailed, exit_reason
 from remote.events import (
     EngineNote,
     Event,
@@ -37,50 +37,44 @@ from remote.events import (
     ResultsWritten,
     RunFinished,
     RunStarted,
-    StageFinished,
-    StageStarted,
     TaskExited,
     TaskProgressed,
     TaskStarted,
 )
-from remote.extract import LineSplitter, MetricSet, TaskExtractor
+from remote.extract import MetricSet, TaskExtractor
 from remote.journal import AttemptRow, Journal
 from remote.plan import (
     Plan,
-    ServiceRole,
     StagePlan,
     TaskPlan,
     build_plan,
     effective_hosts,
-    ray_cluster_of,
     runtime_values,
-    safe_name,
 )
 from remote.recipe import (
     FetchStage,
     HostSpec,
-    PipelineStage,
     QueueStage,
-    RayStage,
     RunStage,
     ShapeStage,
-    SwarmStage,
-    halt_threshold,
     parse_duration,
 )
-from remote.recipe_loader import LoadedRecipe, stage_name
+from remote.recipe_loader import LoadedRecipe
 from remote.results import select_columns, write_results
 from remote.rundir import EngineLock, RunDir, write_private
 from remote.scheduler import SlotQueues
 from remote.slots import NVIDIA_SMI_QUERY, Slot, SlotError, declared_slots, parse_nvidia_smi
+from remote.stages.fetch_stage import FetchStages
+from remote.stages.queue_stage import QueueStages
+from remote.stages.ray_stage import RayStages
+from remote.stages.service_stage import ServiceStages
+from remote.stages.shape_stage import ShapeStages
 from remote.template import render
 from remote.transport.base import ConnectionLost, Handle, HostError, LaunchSpec, ProcState, Transport
 from remote.transport.local import LocalTransport, engine_python
 
 READ_CHUNK = 1 << 20
 """Bytes read from a task's output per call; large enough that a fast printer never falls behind."""
-
-RESULT_FILE_LIMIT = 64 << 20
 
 FAST_POLL = 0.005
 """First poll delay after a launch or an exit; doubles up to EngineOptions.poll_interval while nothing changes."""
@@ -102,41 +96,6 @@ class EngineOptions:
     """Minimum seconds between rewrites of results.csv/json while tasks finish."""
     retry_failed: bool = False
     """On resume, run tasks that failed in the earlier run again (default: keep their failure)."""
-
-
-@dataclass
-class _Attempt:
-    """A launched (or adopted) attempt being watched."""
-
-    task: TaskPlan
-    stage: StagePlan
-    slot: Slot
-    number: int
-    handle: Handle
-    transport: Transport
-    log: BinaryIO
-    extractor: TaskExtractor
-    offset: int = 0
-    splitter: LineSplitter = field(default_factory=LineSplitter)
-    started: float = field(default_factory=time.time)
-    timed_out: bool = False
-    interrupted: bool = False
-    cancelled: bool = False
-    aborted: str | None = None
-    """Killed because its trial failed (a service died); recorded as a failure that is not retried."""
-    progress: tuple[int, int] | None = None
-    finished: asyncio.Future[ProcState] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    """Services: set when the readiness log line was seen."""
-    ready_pattern: re.Pattern[str] | None = None
-    capture_patterns: dict[str, re.Pattern[str]] = field(default_factory=dict)
-    captured: dict[str, str] = field(default_factory=dict)
-    stopping: bool = False
-    """Services: being torn down on purpose, so its exit is not a failure."""
-
-
-class _TrialFailed(Exception):
-    """A trial cannot go on (a service never became ready, or died); one line with the service, host, last lines."""
 
 
 def make_transport(host: str, spec: HostSpec, rd: RunDir, recipe_dir: Path) -> Transport:
@@ -187,7 +146,7 @@ async def discover_slots(host: str, spec: HostSpec, transport: Transport) -> lis
     return parse_nvidia_smi(host, result.stdout)
 
 
-class Engine:
+class Engine(QueueStages, ServiceStages, RayStages, ShapeStages, FetchStages):
     """Runs one recipe in one run directory. Single-threaded asyncio; the journal is only touched from here."""
 
     def __init__(self, loaded: LoadedRecipe, rd: RunDir, *, resume: bool,
@@ -200,8 +159,8 @@ class Engine:
         self.journal: Journal | None = None
         self._listeners: list[Callable[[Event], None]] = []
         self._transports: dict[str, Transport] = {}
-        self._running: dict[str, _Attempt] = {}
-        self._adopted: dict[str, _Attempt] = {}
+        self._running: dict[str, Attempt] = {}
+        self._adopted: dict[str, Attempt] = {}
         self._stop = asyncio.Event()
         self._stopping = False
         self._halted = False
@@ -221,7 +180,7 @@ class Engine:
         self._trial_failure: str | None = None
         self._failed_trials: list[str] = []
         self._shaped: list[tuple[Transport, Any]] = []
-        self._pending_teardown: list[_Attempt] = []
+        self._pending_teardown: list[Attempt] = []
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -451,21 +410,6 @@ class Engine:
             if row2.state == "running" and row2.id not in self._adopted:
                 self.journal.set_task_state(row2.id, "queued")
 
-    async def _revert_stale_shaping(self, run_id: str) -> None:
-        """Undo shaping a crashed engine left on any host (the armed guards would, but only at their deadline)."""
-        if not any(isinstance(s.spec, ShapeStage) for s in self.plan.stages) if self.plan else True:
-            return
-        from remote.stages import shape  # noqa: PLC0415
-
-        for host, transport in self._transports.items():
-            try:
-                reverted = await shape.revert_stale(transport, host, shape_state_id(run_id, host))
-            except (shape.ShapeError, HostError) as exc:
-                self._note("error", f"{exc}; the armed revert on the host will undo it at its deadline")
-                continue
-            for what in reverted:
-                self._note("info", f"host {host}: reverted shaping left by the previous engine ({what})")
-
     async def _find_handle(self, row: AttemptRow, transport: Transport) -> Handle | None:
         if row.state == "running" and row.pid is not None and row.task_dir is not None:
             return Handle(task_dir=row.task_dir, pid=row.pid, pid_start=row.pid_start or 0)
@@ -478,14 +422,14 @@ class Engine:
             self.journal.attempt_launched(row.task_id, row.attempt, handle.task_dir, handle.pid, handle.pid_start)
         return handle
 
-    # -- trials and services ------------------------------------------------------------------------------------
+    # -- trials -------------------------------------------------------------------------------------------------
 
     async def _run_trial(self, trial: str, stages: Sequence[StagePlan]) -> None:
         """One pass over the stages with one trial's values; services and shaping are torn down however it ends."""
         assert self.journal is not None
         self._capture_values = {}
         self._trial_failure = None
-        services: list[_Attempt] = []
+        services: list[Attempt] = []
         watchers: list[asyncio.Task[None]] = []
         if trial:
             self.journal.event("trial-started", trial=trial)
@@ -495,9 +439,11 @@ class Engine:
                 if self._stopping or self._halted or self._trial_failure is not None:
                     break
                 if isinstance(stage.spec, QueueStage | RunStage):
+                    if not stage.slots:
+                        raise EngineError(f"stage {stage.name}: no GPU slots on its hosts; declare gpus = N on them")
                     failed = await self._run_stage(stage)
                     if failed and isinstance(stage.spec, RunStage):
-                        raise _TrialFailed(f"stage {stage.name} failed; later stages of this trial were not started")
+                        raise TrialFailed(f"stage {stage.name} failed; later stages of this trial were not started")
                 elif isinstance(stage.spec, ShapeStage):
                     await self._apply_shape(stage)
                 elif isinstance(stage.spec, FetchStage):
@@ -507,8 +453,8 @@ class Engine:
                     services.extend(started)
                     watchers.extend(asyncio.create_task(self._watch_service(a)) for a in started)
             if self._trial_failure is not None:
-                raise _TrialFailed(self._trial_failure)
-        except _TrialFailed as exc:
+                raise TrialFailed(self._trial_failure)
+        except TrialFailed as exc:
             label = f"trial {trial}: " if trial else ""
             self._failed_trials.append(trial)
             self.journal.event("trial-failed", trial=trial, reason=str(exc))
@@ -517,417 +463,6 @@ class Engine:
             for w in watchers:
                 w.cancel()
             await self._teardown(services)
-
-    async def _start_services(self, stage: StagePlan) -> list[_Attempt]:
-        """Launch a service-like stage group by group, wait until each instance is ready, publish its captures."""
-        assert self.journal is not None and self.plan is not None
-        started: list[_Attempt] = []
-        self.journal.event("stage-started", stage=stage.name, pending=len(stage.tasks), adopted=0)
-        self._emit(StageStarted(stage=stage.name, kind=stage.kind, total=len(stage.tasks), already_done=0))
-        slots = {s.key: s for s in self.plan.slots}
-        groups = sorted({t.service.group for t in stage.tasks if t.service is not None})
-        try:
-            for group in groups:
-                members = [t for t in stage.tasks if t.service is not None and t.service.group == group]
-                batch: list[_Attempt] = []
-                for task in members:
-                    if self._stopping:
-                        raise _TrialFailed("stopped while starting services")
-                    slot = slots.get(task.pinned_slot or "") or self._slot_of_host(task)
-                    number = self.journal.next_attempt(task.id)
-                    attempt = await self._launch(stage, task, slot, number)
-                    if attempt is None:
-                        raise _TrialFailed("stopped while starting services")
-                    role = task.service
-                    assert role is not None
-                    attempt.ready_pattern = re.compile(role.ready_log) if role.ready_log else None
-                    attempt.capture_patterns = {k: re.compile(v) for k, v in role.capture.items()}
-                    batch.append(attempt)
-                    started.append(attempt)
-                await asyncio.gather(*(self._until_ready(stage, a) for a in batch))
-                self._publish_captures(stage, batch)
-            await self._cluster_checks(stage, started)
-        except BaseException:
-            # Whatever failed, what did start must still be torn down by the trial.
-            self._pending_teardown = started
-            raise
-        names = ", ".join(f"{{{k}}}" for k in sorted(self._capture_values) if k.startswith(stage.name + "."))
-        self._note("info", f"stage {stage.name}: {len(started)} instance(s) ready" + (f"; {names}" if names else ""))
-        self.journal.event("stage-finished", stage=stage.name, counts={"running": len(started)}, halted=False)
-        return started
-
-    def _slot_of_host(self, task: TaskPlan) -> Slot:
-        """The slot a service instance was pinned to when discovery no longer lists it (GPUs changed)."""
-        host, _, gpu = (task.pinned_slot or "local:0").rpartition(":")
-        return Slot(host=host, gpu=int(gpu) if gpu.isdigit() else 0)
-
-    async def _until_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
-        """Wait for the instance's readiness rule, or fail the trial with what is missing and its last lines."""
-        role = attempt.task.service
-        assert role is not None
-        deadline = time.monotonic() + role.ready_timeout
-        what = f"service {stage.name} on {attempt.slot.host}"
-        while True:
-            if attempt.finished.done():
-                state = attempt.finished.result()
-                raise _TrialFailed(f"{what} exited before it was ready (exit {state.rc}); "
-                                   f"last lines: {self._last_lines(attempt)}")
-            if await self._is_ready(attempt, role):
-                self._journal_ready(stage, attempt)
-                return
-            if time.monotonic() > deadline:
-                rule = (f"a line matching {role.ready_log!r}" if role.ready_log else
-                        f"port {role.ready_port} listening" if role.ready_port else
-                        f"{shlex.join(role.ready_command or ())} to succeed")
-                raise _TrialFailed(f"{what} was not ready after {role.ready_timeout:.0f}s (waiting for {rule}); "
-                                   f"last lines: {self._last_lines(attempt)}")
-            if self._stopping:
-                raise _TrialFailed("stopped while waiting for services")
-            with contextlib.suppress(TimeoutError):
-                await within(0.25, attempt.ready.wait())
-
-    def _journal_ready(self, stage: StagePlan, attempt: _Attempt) -> None:
-        if self.journal is not None:
-            self.journal.event("service-ready", attempt.task.id, stage=stage.name, host=attempt.slot.host,
-                               captured=attempt.captured)
-
-    async def _is_ready(self, attempt: _Attempt, role: ServiceRole) -> bool:
-        if role.ready_log is not None:
-            needed = set(role.capture)
-            return attempt.ready.is_set() and needed <= set(attempt.captured)
-        if role.ready_port is not None:
-            port = render(role.ready_port, self._captures())
-            script = ("p=$(printf '%04X' " + shlex.quote(port) + "); "
-                      "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=\":$p\" "
-                      "'$2 ~ p\"$\" && $4 == \"0A\" {f=1} END {exit !f}'")
-            result = await attempt.transport.run(["sh", "-c", script], timeout=10.0)
-            return result.rc == 0
-        if role.ready_command is not None:
-            result = await attempt.transport.run([render(a, self._captures()) for a in role.ready_command],
-                                                 timeout=30.0)
-            return result.rc == 0
-        return True
-
-    def _publish_captures(self, stage: StagePlan, batch: Sequence[_Attempt]) -> None:
-        """First instance that captured a value wins; the swarm's address list is narrowed to one usable peer."""
-        for attempt in batch:
-            for key, value in attempt.captured.items():
-                self._capture_values.setdefault(f"{stage.name}.{key}", value)
-        if isinstance(stage.spec, SwarmStage):
-            peers = [*str(self._capture_values.get(f"{stage.name}.all_peers", "")).split(),
-                     *str(self._capture_values.get(f"{stage.name}.visible_peers", "")).split()]
-            self._capture_values[f"{stage.name}.initial_peers"] = choose_initial_peer(peers)
-        if self.journal is not None:
-            for key, captured in self._capture_values.items():
-                if key.startswith(stage.name + "."):
-                    self.journal.event("captured", key=key, value=str(captured))
-
-    async def _cluster_checks(self, stage: StagePlan, started: Sequence[_Attempt]) -> None:
-        """Stage kinds whose readiness is more than their instances' (a Ray cluster seeing every node and GPU)."""
-        spec = stage.spec
-        if isinstance(spec, SwarmStage):
-            servers = sum(1 for a in started if a.task.service is not None and a.task.service.group == 1)
-            self._capture_values[f"{stage.name}.servers"] = servers
-        elif isinstance(spec, PipelineStage):
-            ordered = sorted(started, key=lambda a: a.task.index)
-            urls = [str(a.task.service.info.get("url", "")) for a in ordered if a.task.service is not None]
-            self._capture_values[f"{stage.name}.first_url"] = urls[0] if urls else ""
-            self._capture_values[f"{stage.name}.urls"] = ",".join(urls)
-            self._capture_values[f"{stage.name}.workers"] = len(urls)
-        elif isinstance(spec, RayStage):
-            await self._wait_ray(stage, spec, started)
-
-    async def _wait_ray(self, stage: StagePlan, spec: RayStage, started: Sequence[_Attempt]) -> None:
-        assert self.plan is not None
-        head = started[0]
-        address = str(self._capture_values.get(f"{stage.name}.address", ""))
-        hosts = [a.slot.host for a in started]
-        per_host = [spec.gpus_per_host if spec.gpus_per_host is not None
-                    else sum(1 for s in self.plan.slots if s.host == h) for h in hosts]
-        want_gpus = float(sum(per_host))
-        deadline = time.monotonic() + parse_duration(spec.timeout)
-        status = ""
-        while True:
-            result = await head.transport.run([spec.ray, "status", f"--address={address}"], timeout=60.0)
-            status = result.stdout
-            nodes, gpus = parse_ray_status(status)
-            if result.rc == 0 and nodes >= len(hosts) and gpus >= want_gpus:
-                break
-            if time.monotonic() > deadline:
-                raise _TrialFailed(f"ray cluster at {address} shows {nodes}/{len(hosts)} node(s) and "
-                                   f"{gpus:g}/{want_gpus:g} GPU(s) after {parse_duration(spec.timeout):.0f}s; "
-                                   f"check the workers' logs ({', '.join(hosts[1:]) or 'none'})")
-            for a in started:
-                if a.finished.done():
-                    raise _TrialFailed(f"ray on {a.slot.host} exited while the cluster formed; last lines: "
-                                       f"{self._last_lines(a)}")
-            await asyncio.sleep(1.0)
-        self._capture_values[f"{stage.name}.hosts"] = len(hosts)
-        self._capture_values[f"{stage.name}.gpus_per_host"] = per_host[0] if per_host else 0
-        self._capture_values[f"{stage.name}.gpus"] = int(want_gpus)
-        if self.journal is not None:
-            self.journal.event("ray-status", stage=stage.name, status=status[-4000:])
-
-    async def _watch_service(self, attempt: _Attempt) -> None:
-        """A service that dies while the trial runs fails the trial: its later stages are stopped."""
-        state = await asyncio.shield(attempt.finished)
-        if attempt.stopping or self._trial_failure is not None:
-            return
-        reason = (f"service {attempt.stage.name} on {attempt.slot.host} exited (exit {state.rc}) while the trial "
-                  f"ran; last lines: {self._last_lines(attempt)}")
-        self._abort_trial(reason)
-
-    def _abort_trial(self, reason: str) -> None:
-        """Stop the trial's running tasks (recorded as failed with the reason), and let the trial tear down."""
-        self._trial_failure = reason
-        for attempt in list(self._running.values()):
-            if attempt.task.service is None and not attempt.finished.done():
-                attempt.aborted = reason
-                asyncio.get_running_loop().create_task(attempt.transport.kill(attempt.handle, self.options.kill_grace))
-        self._signal_change()
-
-    async def _teardown(self, services: Sequence[_Attempt]) -> None:
-        """Stop services in reverse order (kill the group, then the stop command), then revert shaping."""
-        assert self.journal is not None
-        pending = list(services) + [a for a in self._pending_teardown if a not in services]
-        self._pending_teardown = []
-        stopped_hosts: set[tuple[str, tuple[str, ...]]] = set()
-        # Those that ended before the teardown died; one stop may end the others (`ray stop` ends all of Ray).
-        died = {id(a) for a in pending if a.finished.done() and not a.stopping}
-        for attempt in pending:
-            attempt.stopping = True
-        for attempt in reversed(pending):
-            # Kill the group even when its leader already exited (a service that died): its children may live on
-            # (hivemind-dht's p2pd); killing an empty group does nothing.
-            await attempt.transport.kill(attempt.handle, self.options.kill_grace)
-            if not attempt.finished.done():
-                with contextlib.suppress(TimeoutError):
-                    await within(self.options.kill_grace + 30, asyncio.shield(attempt.finished))
-            role = attempt.task.service
-            if role is not None and role.stop and (attempt.slot.host, role.stop) not in stopped_hosts:
-                stopped_hosts.add((attempt.slot.host, role.stop))
-                await attempt.transport.run(list(role.stop), timeout=120.0)
-            self._running.pop(attempt.task.id, None)
-            if not attempt.log.closed:
-                attempt.log.close()
-            if id(attempt) in died:  # the console and results show a failed service, not a stopped one
-                rc = attempt.finished.result().rc
-                reason = f"the service exited ({_exit_reason(rc)}) while its trial ran"
-                self.journal.end_attempt(attempt.task.id, attempt.number, "failed", rc, reason)
-                self.journal.set_task_state(attempt.task.id, "failed", rc=rc, ended=time.time(), reason=reason)
-                continue
-            self.journal.end_attempt(attempt.task.id, attempt.number, "stopped", None, "torn down")
-            self.journal.set_task_state(attempt.task.id, "stopped", ended=time.time(), reason="torn down")
-        if self._shaped:
-            from remote.stages import shape  # noqa: PLC0415 (only runs that shape need tc's module)
-        for transport, applied in reversed(self._shaped):
-            try:
-                await shape.revert(transport, applied)
-                self._note("info", f"host {applied.host}: shaping on {applied.interface} reverted")
-            except (shape.ShapeError, HostError) as exc:
-                self._note("error", f"{exc}; the armed revert on the host will undo it at its deadline")
-        self._shaped = []
-
-    def _last_lines(self, attempt: _Attempt, n: int = 3) -> str:
-        """The last lines of an attempt's log copy, joined for a one-line message."""
-        try:
-            with open(self.rd.log_path(attempt.task.log_name), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return "(no output)"
-        lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
-        return " | ".join(lines[-n:]) if lines else "(no output)"
-
-    async def _apply_shape(self, stage: StagePlan) -> None:
-        """tc shaping on each host as a transaction (probe, arm a revert, apply, confirm); see remote/stages/shape."""
-        from remote.stages import shape  # noqa: PLC0415
-
-        spec = stage.spec
-        assert isinstance(spec, ShapeStage) and self.journal is not None
-        run_id = self.journal.meta("run_id") or self.rd.path.name
-        scope = {**self.loaded.recipe.variables, **stage.trial_values}
-
-        def filled(value: str | int | None) -> str | None:
-            return None if value is None else render(str(value), scope)
-
-        limit = filled(spec.limit)
-        try:
-            request = shape.ShapeRequest(interface=spec.interface, delay=filled(spec.delay), rate=filled(spec.rate),
-                                         limit=int(limit) if limit is not None else None,
-                                         qdisc=spec.qdisc, revert_after=parse_duration(spec.revert_after))
-        except ValueError as exc:
-            raise _TrialFailed(f"stage {stage.name}: {exc}; expected a delay like 10ms, a rate like 100mbit and an "
-                               "integer limit") from None
-        labels = []
-        for host in stage.hosts:
-            transport = self._transports[host]
-            try:
-                await shape.probe(transport, host, request, allow_control_interface=spec.allow_control_interface)
-                applied = await shape.apply(transport, host, request, run_id=shape_state_id(run_id, host),
-                                            allow_control_interface=spec.allow_control_interface)
-                self._shaped.append((transport, applied))
-                await shape.confirm(transport, applied)
-            except (shape.ShapeError, HostError) as exc:
-                raise _TrialFailed(str(exc)) from None
-            labels.append(applied.description)
-            self.journal.event("shaped", host=host, interface=spec.interface, qdisc=applied.description)
-        self._capture_values[f"{stage.name}.label"] = labels[0] if labels else ""
-        self._note("info", f"stage {stage.name}: {', '.join(sorted(set(labels)))} on {', '.join(stage.hosts)}")
-
-    async def _fetch(self, stage: StagePlan) -> None:
-        """Copy files from the hosts into fetched/<trial>/<host>/ and extract the metrics that name this stage."""
-        spec = stage.spec
-        assert isinstance(spec, FetchStage) and self.journal is not None and self.plan is not None
-        folder = self.rd.path / "fetched" / (safe_name(stage.trial) or "_")
-        for task in stage.tasks:
-            host = (task.pinned_slot or "").rsplit(":", 1)[0]
-            transport = self._transports[host]
-            slot = next((s for s in self.plan.slots if s.key == task.pinned_slot), Slot(host=host, gpu=0))
-            values = {**runtime_values(slot, attempt=1, task_id=task.id, run_dir=self.rd.path.resolve(),
-                                       python=self._python_for(host)),
-                      **self.loaded.recipe.variables, **stage.trial_values, **self._captures(),
-                      "recipe_dir": str(self.plan.recipe_dir)}
-            workdir = self.plan.hosts[host].workdir or transport.default_workdir()
-            extractor = TaskExtractor(self._metrics, stage.name, done=None, progress=None)
-            fetched: dict[str, bytes] = {}
-            for template in spec.files:
-                path = render(template, values)
-                data = await transport.read_file(path, workdir, RESULT_FILE_LIMIT)
-                if data is None:
-                    if spec.required:
-                        raise _TrialFailed(f"host {host}: stage {stage.name}: {path} does not exist (in {workdir}); "
-                                           "check that the previous stage wrote it")
-                    self._note("warning", f"host {host}: {path} does not exist; skipped")
-                    continue
-                target = folder / host / Path(path).name
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                write_private(target, data)
-                fetched[path] = data
-            for path_template, _what in extractor.file_metrics():
-                path = render(path_template, values)
-                data = fetched.get(path)
-                if data is None:
-                    data = await transport.read_file(path, workdir, RESULT_FILE_LIMIT)
-                if data is not None:
-                    extractor.feed_file(path_template, data)
-            final = extractor.finish({**values, **task.values})
-            with self.journal.transaction():
-                self.journal.set_metrics(task.id, final)
-                self.journal.set_task_state(task.id, "done", host=host, gpu=slot.gpu, started=time.time(),
-                                            ended=time.time(), reason=f"fetched {len(fetched)} file(s)")
-            self.journal.event("fetched", task.id, host=host, files=sorted(fetched))
-        self._write_results(force=True)
-
-    # -- stages -------------------------------------------------------------------------------------------------
-
-    async def _run_stage(self, stage: StagePlan) -> bool:
-        """Run one stage to completion; True when some task failed."""
-        assert self.journal is not None
-        rows = {r.id: r for r in self.journal.tasks(stage.name)}
-        adopted = {tid: a for tid, a in self._adopted.items() if a.stage is stage}
-        pending: list[TaskPlan] = []
-        done_before = 0
-        for task in stage.tasks:
-            row = rows.get(task.id)
-            if task.id in adopted:
-                continue
-            if row is not None and row.state == "done":
-                done_before += 1
-                continue
-            if row is not None and row.state == "failed" and not self.options.retry_failed:
-                continue
-            pending.append(task)
-        spec = stage.spec
-        retries = getattr(spec, "retries", 0)
-        halt_after = halt_threshold(spec.halt) if isinstance(spec, QueueStage) else 1
-        queues = self._queues = SlotQueues([s.key for s in stage.slots], pending, retries=retries,
-                                           halt_after=halt_after)
-        self._stage = stage
-        for key in self._paused_slots:
-            queues.pause(key)
-        for task in pending:
-            row = rows.get(task.id)
-            if row is not None:
-                queues.set_attempts(task.id, self._counted_attempts(task.id))
-                if row.state == "failed":
-                    self.journal.set_task_state(task.id, "queued")
-        for tid in adopted:
-            queues.set_attempts(tid, self._counted_attempts(tid))
-        self.journal.event("stage-started", stage=stage.name, pending=len(pending), adopted=len(adopted))
-        self._emit(StageStarted(stage=stage.name, kind=stage.kind, total=len(stage.tasks), already_done=done_before))
-        if not stage.slots:
-            raise EngineError(f"stage {stage.name}: no GPU slots on its hosts; declare gpus = N on them")
-        workers = [asyncio.create_task(self._slot_worker(stage, slot, queues), name=f"slot-{slot.key}")
-                   for slot in stage.slots]
-        # Adopted attempts whose slot is not in this stage (the inventory changed) are still seen through.
-        orphans = [asyncio.create_task(self._finish_adopted(a, queues)) for a in adopted.values()
-                   if a.slot.key not in {s.key for s in stage.slots}]
-        await asyncio.gather(*workers, *orphans)
-        self._stage = None
-        halted = queues.halted
-        if halted:
-            self._halted = True
-            left = queues.drain()
-            if left:
-                rule = spec.halt if isinstance(spec, QueueStage) else "first-failure"
-                self._note("warning", f"stage {stage.name}: halted by its halt rule ({rule}); "
-                                      f"{len(left)} task(s) were not started")
-        counts = self.journal.counts(stage.name)
-        self.journal.event("stage-finished", stage=stage.name, counts=counts, halted=halted)
-        self._emit(StageFinished(stage=stage.name, counts=counts, halted=halted))
-        self._write_results(force=True)
-        return counts.get("failed", 0) > 0
-
-    def _counted_attempts(self, task_id: str) -> int:
-        """Attempts that count against `retries`: interrupted ones (Ctrl-C, engine stop) do not."""
-        assert self.journal is not None
-        return sum(1 for a in self.journal.attempts(task_id) if a.state in ("done", "failed", "lost", "timeout"))
-
-    async def _slot_worker(self, stage: StagePlan, slot: Slot, queues: SlotQueues) -> None:
-        """One slot's FIFO: run its tasks one at a time; a failure never stops the queue."""
-        adopted = [a for a in self._adopted.values() if a.stage is stage and a.slot.key == slot.key]
-        for attempt in adopted:
-            await self._finish_adopted(attempt, queues)
-        while not self._stopping and self._trial_failure is None:
-            task = queues.next_for(slot.key)
-            if task is None:
-                if self._stage_idle(stage, queues):
-                    return
-                await self._wait_change()  # paused, or waiting for retries other slots may produce
-                continue
-            # Busy from the moment the task leaves its queue: while it launches it is neither waiting nor running,
-            # and a worker looking then must not conclude the stage is over.
-            self._busy.add(slot.key)
-            try:
-                await self._run_one(stage, task, slot, queues)
-            finally:
-                self._busy.discard(slot.key)
-                self._signal_change()
-
-    async def _run_one(self, stage: StagePlan, task: TaskPlan, slot: Slot, queues: SlotQueues) -> None:
-        queues.started(task)
-        assert self.journal is not None
-        number = self.journal.next_attempt(task.id)
-        try:
-            launched = await self._launch(stage, task, slot, number)
-        except HostError as exc:
-            self._note("error", str(exc))
-            self.journal.end_attempt(task.id, number, "failed", None, str(exc))
-            outcome = queues.finished(task, ok=False)
-            self.journal.set_task_state(task.id, outcome.state, reason=str(exc), ended=time.time())
-            self._emit(TaskExited(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key,
-                                  attempt=number, rc=None, state=outcome.state, reason=str(exc), duration=0.0))
-            return
-        if launched is None:
-            return  # stopping while the host was unreachable; the journal knows the launch may be pending
-        await self._await_attempt(launched, queues)
-
-    def _stage_idle(self, stage: StagePlan, queues: SlotQueues) -> bool:
-        """Nothing left to start (or halted), no slot busy with one of its tasks: its workers may finish."""
-        running = any(a.stage is stage for a in (*self._running.values(), *self._adopted.values()))
-        return not running and not self._busy and (queues.halted or not queues.pending())
 
     def _signal_change(self) -> None:
         """Wake slot workers waiting for work (a task ended, a retry was queued, a slot resumed, a stop)."""
@@ -938,14 +473,9 @@ class Engine:
         with contextlib.suppress(TimeoutError):
             await within(1.0, self._changed.wait())
 
-    async def _finish_adopted(self, attempt: _Attempt, queues: SlotQueues) -> None:
-        self._running[attempt.task.id] = attempt
-        self._adopted.pop(attempt.task.id, None)
-        await self._await_attempt(attempt, queues)
-
     # -- one attempt --------------------------------------------------------------------------------------------
 
-    async def _launch(self, stage: StagePlan, task: TaskPlan, slot: Slot, number: int) -> _Attempt | None:
+    async def _launch(self, stage: StagePlan, task: TaskPlan, slot: Slot, number: int) -> Attempt | None:
         assert self.journal is not None and self.plan is not None
         transport = self._transports[slot.host]
         values = {**runtime_values(slot, attempt=number, task_id=task.id, run_dir=self.rd.path.resolve(),
@@ -975,25 +505,6 @@ class Engine:
         self._kicks.setdefault(slot.host, asyncio.Event()).set()
         self._emit(TaskStarted(task_id=task.id, stage=task.stage, label=task.label, slot=slot.key, attempt=number))
         return attempt
-
-    async def _through_ray(self, stage: StagePlan, spec: QueueStage, slot: Slot, argv: list[str],
-                           env: Mapping[str, str]) -> list[str]:
-        """Wrap a task's argv so it runs as a Ray task on the cluster of an earlier ray stage (see ray_task.py)."""
-        assert self.plan is not None
-        position = next(i for i, s in enumerate(self.loaded.recipe.stage) if s is spec)
-        names = [stage_name(s) for s in self.loaded.recipe.stage]
-        cluster, _ = ray_cluster_of(spec, self.loaded.recipe.stage[:position], names[:position])
-        address = self._capture_values.get(f"{cluster}.address")
-        if address is None:
-            raise HostError(f"stage {stage.name}: the ray cluster of stage {cluster} is not running in this trial")
-        script = self._ray_scripts.get(slot.host)
-        if script is None:
-            text = (Path(__file__).parent / "ray_task.py").read_text()
-            script = self._ray_scripts[slot.host] = await self._transports[slot.host].put_file("bf-ray-task.py", text)
-        python = self._python_for(slot.host)
-        keys = ",".join(sorted({*env, *self._secrets(), "BENCHFLEET_TASK_ID", "BENCHFLEET_ATTEMPT"}))
-        return [python, script, "--address", str(address), "--num-gpus", f"{spec.gpus_per_task:g}", "--env-keys",
-                keys, "--", *argv]
 
     async def _launch_idempotent(self, transport: Transport, spec: LaunchSpec) -> Handle | None:
         """Launch, riding out a lost connection: after a reconnect, look for the attempt before launching again,
@@ -1040,7 +551,7 @@ class Engine:
             self._note("info", f"host {host}: reconnected")
 
     def _open_attempt(self, task: TaskPlan, stage: StagePlan, slot: Slot, number: int, handle: Handle,
-                      transport: Transport, *, resume_offset: int | None) -> _Attempt:
+                      transport: Transport, *, resume_offset: int | None) -> Attempt:
         """Set up the local log copy and the extractor; on reattach, rebuild both from the committed offset."""
         spec = stage.spec
         extractor = TaskExtractor(self._metrics, stage.name, done=getattr(spec, "done", None),
@@ -1053,7 +564,7 @@ class Engine:
                 path.replace(prev)
             log = open(path, "ab")  # noqa: SIM115 (closed when the attempt ends)
             path.chmod(0o600)
-            attempt = _Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle,
+            attempt = Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle,
                                transport=transport, log=log, extractor=extractor)
             return attempt
         # Reattach: the copy may hold bytes past the committed offset (crash between write and commit): cut them.
@@ -1063,13 +574,13 @@ class Engine:
                 f.truncate(resume_offset)
         offset = min(size, resume_offset)
         log = open(path, "ab")  # noqa: SIM115
-        attempt = _Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle, transport=transport,
+        attempt = Attempt(task=task, stage=stage, slot=slot, number=number, handle=handle, transport=transport,
                            log=log, extractor=extractor, offset=offset)
         with open(path, "rb") as f:
             attempt.extractor.feed_lines(attempt.splitter.feed(f.read(offset)))
         return attempt
 
-    async def _await_attempt(self, attempt: _Attempt, queues: SlotQueues) -> None:
+    async def _await_attempt(self, attempt: Attempt, queues: SlotQueues) -> None:
         spec = attempt.stage.spec
         timeout_spec = getattr(spec, "timeout", None) if isinstance(spec, QueueStage | RunStage) else None
         timeout = parse_duration(timeout_spec) if timeout_spec is not None else None
@@ -1092,7 +603,7 @@ class Engine:
         state = await attempt.finished
         await self._finalize(attempt, state, queues)
 
-    async def _finalize(self, attempt: _Attempt, proc: ProcState, queues: SlotQueues) -> None:
+    async def _finalize(self, attempt: Attempt, proc: ProcState, queues: SlotQueues) -> None:
         assert self.journal is not None and self.plan is not None
         task = attempt.task
         spec = attempt.stage.spec
@@ -1145,7 +656,7 @@ class Engine:
         elif proc.status == "lost":
             ok, reason, attempt_state = False, "the process vanished without an exit code (host rebooted?)", "lost"
         elif rc != 0:
-            ok, reason, attempt_state = False, _exit_reason(rc), "failed"
+            ok, reason, attempt_state = False, exit_reason(rc), "failed"
         elif (done := getattr(spec, "done", None)) is not None and not ex.done_seen:
             ok, reason, attempt_state = False, f"exit 0 but no line matched done = {done!r}", "failed"
         else:
@@ -1210,7 +721,7 @@ class Engine:
                 delay = FAST_POLL
             delay = min(self.options.poll_interval, delay * 2)
 
-    async def _pump(self, attempt: _Attempt, size: int) -> None:
+    async def _pump(self, attempt: Attempt, size: int) -> None:
         """Copy new output into logs/, commit the offset, and feed the lines to the extractor and listeners."""
         assert self.journal is not None
         while attempt.offset < size:
@@ -1225,7 +736,7 @@ class Engine:
             if lines:
                 self._take_lines(attempt, lines)
 
-    def _take_lines(self, attempt: _Attempt, lines: Sequence[str]) -> None:
+    def _take_lines(self, attempt: Attempt, lines: Sequence[str]) -> None:
         assert self.journal is not None
         ex = attempt.extractor
         ex.feed_lines(lines)
@@ -1400,57 +911,9 @@ def parse_gpu_samples(text: str) -> list[tuple[int, float | None, float | None, 
     return out
 
 
-def choose_initial_peer(addresses: Sequence[str]) -> str:
-    """hivemind-dht lists one multiaddr per interface: prefer one other hosts can reach (not loopback)."""
-    for addr in addresses:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            try:
-                if not ipaddress.ip_address(parts[2]).is_loopback:
-                    return addr
-            except ValueError:
-                continue
-    return addresses[0] if addresses else ""
-
-
-_RAY_RESOURCE = re.compile(r"^\s*([\d.]+)/([\d.]+)\s+GPU\b", re.MULTILINE)
-_RAY_NODE = re.compile(r"^\s*\d+\s+node_[0-9a-f]+", re.MULTILINE)
-
-
-def parse_ray_status(text: str) -> tuple[int, float]:
-    """(active nodes, total GPUs) from `ray status`: nodes under "Active:" (older Ray: "Healthy:"), and the
-    resource line " 0.0/32.0 GPU"."""
-    section = re.search(r"^(?:Active|Healthy):\s*$(.*?)^(?:Pending|Idle|Recent failures|Resources)", text,
-                        re.MULTILINE | re.DOTALL)
-    nodes = len(_RAY_NODE.findall(section.group(1))) if section else 0
-    gpu = _RAY_RESOURCE.search(text)
-    return nodes, float(gpu.group(2)) if gpu else 0.0
-
-
-def shape_state_id(run_id: str, host: str) -> str:
-    """Per host: hosts may share a home directory (NFS, the testbed), and each host's shaping state is its own."""
-    return f"{run_id}.{host}"
-
-
 def _try_render(text: str, values: Mapping[str, object]) -> str:
     """Render what can be rendered now; placeholders filled later (captures) stay as they are."""
     try:
         return render(text, values)
     except ValueError:
         return text
-
-
-def _exit_reason(rc: int | None) -> str:
-    if rc is None:
-        return "no exit code"
-    if rc == 127:
-        return "exit 127: program not found (check the command and PATH on the host)"
-    if rc == 126:
-        return "exit 126: working directory missing or program not executable"
-    if rc > 128:
-        try:
-            name = signal.Signals(rc - 128).name
-        except ValueError:
-            name = f"signal {rc - 128}"
-        return f"exit {rc}: killed by {name}"
-    return f"exit {rc}"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from remote.engine import parse_ray_status
 from remote.events import EngineNote, Event
 from remote.journal import Journal
 from remote.procfs import group_members, is_alive
 from remote.recipe_loader import load_recipe
 from remote.stages.pipeline import split_layers
+from remote.stages.ray_stage import parse_ray_status
 from remote.testbed import Testbed, TestbedHost
 from tests.conftest import (
     REPO,

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from remote.engine import choose_initial_peer, parse_ray_status
 from remote.events import EngineNote
 from remote.journal import Journal
 from remote.plan import build_plan
 from remote.procfs import is_alive
 from remote.recipe_loader import RecipeError, load_recipe
 from remote.slots import declared_slots
+from remote.stages.ray_stage import parse_ray_status
+from remote.stages.service_stage import choose_initial_peer
 from tests.conftest import REPO, cli, cli_popen, free_port, run_engine
 
 Writer = Callable[..., Path]

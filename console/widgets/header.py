@@ -155,7 +155,9 @@ class RunHeader(Widget):
         elif snap.pending_requests:
             line.append(f"{snap.pending_requests} request(s) pending  ", "dim")
         note = snap.last_note
-        if note is not None and line.cell_len < width - 10:
+        # Info notes narrate a live run ("trial hf: starting"); once it ended only warnings and errors still matter.
+        stale = snap.state != "running" and note is not None and note.level == "info"
+        if note is not None and not stale and line.cell_len < width - 10:
             style = {"error": "red", "warning": "yellow"}.get(note.level, "dim")
             line.append(note.text, style)
         line.truncate(width, overflow="ellipsis")

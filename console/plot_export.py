@@ -133,16 +133,17 @@ def export_plots(run_dir: Path, plots: Sequence[PlotSpec], rows: Sequence[Mappin
         stem = f"{n}-{safe_name(title)[:60]}"
         heat = heatmap_data(rows, spec) if spec.kind == "heatmap" else None
         series = series_data(rows, spec) if heat is None else []
-        if heat is None and not series:
-            # Nothing to draw (a monitor turned off, every value missing): say so instead of an empty frame.
-            write_private(folder / f"{stem}.txt", f"{title}\nno values of {spec.y or spec.value} in the results\n")
-            written.append(folder / f"{stem}.txt")
-            continue
-        text = heatmap_text(title, heat, spec) if heat is not None else series_text(title, series, spec)
+        drawable = heat is not None or bool(series)
+        if heat is not None:
+            text = heatmap_text(title, heat, spec)
+        elif series:
+            text = series_text(title, series, spec)
+        else:  # a monitor turned off, every value missing: say so instead of drawing an empty frame
+            text = f"{title}\nno values of {spec.y or spec.value} in the results\n"
         txt = folder / f"{stem}.txt"
         write_private(txt, text)
         written.append(txt)
         png = folder / f"{stem}.png"
-        if _png(png, title, spec, heat, series):
+        if drawable and _png(png, title, spec, heat, series):
             written.append(png)
     return written

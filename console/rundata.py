@@ -848,11 +848,11 @@ def list_series(rows: Sequence[Mapping[str, object]], spec: PlotSpec) -> list[Se
         lines.append((name, row.get("host"), xs, ys))
     shared = Counter(name for name, _, _, _ in lines)
     named = [f"{name} @ {host}" if shared[name] > 1 and host else name for name, host, _, _ in lines]
-    seen: Counter[str] = Counter()
+    totals, seen = Counter(named), Counter[str]()
     out: list[Series] = []
     for name, (_, _, xs, ys) in zip(named, lines, strict=True):
         seen[name] += 1
-        out.append(Series(name=name if named.count(name) == 1 else f"{name} #{seen[name]}", xs=xs, ys=ys))
+        out.append(Series(name=name if totals[name] == 1 else f"{name} #{seen[name]}", xs=xs, ys=ys))
     return out
 
 
